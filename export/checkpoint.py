@@ -1,0 +1,56 @@
+"""Find and load a Hugging Face PaliGemma checkpoint: a local directory or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..runtime.errors import CheckpointError
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+DTYPES = ("fp32", "fp16")
+
+
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (safetensors only) with huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json; pass a Hugging Face PaliGemma checkpoint directory.")
+        return path
+    text = str(model)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"{text} is neither an existing directory nor a hub id like 'google/paligemma-3b-mix-224'.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=_HUB_PATTERNS))
+    except Exception as error:  # offline, gated, missing repo: all end the same way for the user
+        raise CheckpointError(
+            f"Could not download {text} from the Hugging Face hub ({type(error).__name__}: {error}). "
+            "If this machine is offline, download the checkpoint elsewhere (accepting the Gemma licence) "
+            "and pass its local directory instead."
+        ) from error
+
+
+def load_checkpoint(path: Path, dtype: str = "fp32"):
+    """(model, processor) in eval mode with eager attention, the parity reference."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, PaliGemmaForConditionalGeneration
+
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as error:
+        raise CheckpointError(f"Cannot read {path}/config.json: {error}") from error
+    if config.model_type != "paligemma":
+        raise CheckpointError(f"{path} is a {config.model_type!r} checkpoint, not PaliGemma.")
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.float16
+    try:
+        model = PaliGemmaForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation="eager"
+        ).eval()
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception as error:
+        raise CheckpointError(f"Cannot load the checkpoint in {path}: {error}") from error
+    return model, processor

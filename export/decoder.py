@@ -1,0 +1,106 @@
+"""The PaliGemma text decoder as an export-friendly torch module with an explicit KV cache.
+
+It reuses the Hugging Face layers' own submodules (norms, projections, MLP, rotary embedding)
+so every number is computed the transformers way, and replaces only what tracing handles badly:
+the Cache object and mask construction. Masks come in as boolean inputs built by the runtime
+(`paligemma_edge.runtime.masks`), so no mask or length is baked into the graph.
+
+The 257k-row embedding table lives once, transposed to [hidden, vocab]: the LM head is
+`hidden @ table` (a MatMul that the quantization tools understand) and the embedding lookup is
+a Gather along axis 1 of the same initializer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb, repeat_kv
+
+GLOBAL_MASK = "attention_mask"
+SLIDING_MASK = "sliding_attention_mask"
+
+
+def cache_input_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def cache_output_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+class ExportableDecoder(nn.Module):
+    """(ids, image embeds, positions, masks, past KV) → (selected logits, present KV)."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        language_model = hf_model.model.language_model
+        config = language_model.config
+        self.config = config
+        self.layers = language_model.layers
+        self.norm = language_model.norm
+        self.rotary_emb = language_model.rotary_emb
+        self.image_token_id = hf_model.config.image_token_id
+        self.embed_scale = float(config.hidden_size) ** 0.5
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(self.layers))
+        embedding = language_model.get_input_embeddings()
+        # One [hidden, vocab] table serves as embedding (Gather axis 1) and tied LM head (MatMul).
+        self.table = nn.Parameter(embedding.weight.detach().t().contiguous(), requires_grad=False)
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return "sliding_attention" in self.layer_types
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        is_image = input_ids == self.image_token_id
+        safe_ids = torch.where(is_image, torch.zeros_like(input_ids), input_ids)
+        batch, seq = input_ids.shape
+        rows = torch.index_select(self.table, 1, safe_ids.reshape(-1))  # [hidden, batch*seq]
+        text = rows.t().reshape(batch, seq, -1)
+        text = text * torch.tensor(self.embed_scale, dtype=self.table.dtype)
+        return torch.where(is_image.unsqueeze(-1), image_embeds.to(text.dtype), text)
+
+    def attention(self, layer, hidden, cos, sin, mask, past_key, past_value):
+        attn = layer.self_attn
+        batch, seq, _ = hidden.shape
+        shape = (batch, seq, -1, attn.head_dim)
+        query = attn.q_proj(hidden).view(shape).transpose(1, 2)
+        key = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        value = attn.v_proj(hidden).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        key = torch.cat([past_key, key], dim=2)
+        value = torch.cat([past_value, value], dim=2)
+        scores = query @ repeat_kv(key, attn.num_key_value_groups).transpose(2, 3) * attn.scaling
+        softcap = getattr(attn, "attn_logit_softcapping", None)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+        out = (weights @ repeat_kv(value, attn.num_key_value_groups)).transpose(1, 2)
+        return attn.o_proj(out.reshape(batch, seq, -1)), key, value
+
+    def forward(self, input_ids, image_embeds, position_ids, logits_positions, attention_mask, *rest):
+        """rest = ([sliding_attention_mask,] past key/value per layer)."""
+        sliding_mask = rest[0] if self.has_sliding_layers else attention_mask
+        past = rest[1:] if self.has_sliding_layers else rest
+        hidden = self.embed(input_ids, image_embeds)
+        cos, sin = self.rotary_emb(hidden, position_ids)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            mask = sliding_mask if self.layer_types[i] == "sliding_attention" else attention_mask
+            normed = layer.input_layernorm(hidden)
+            attn_out, key, value = self.attention(layer, normed, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            presents += [key, value]
+            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2: post-norms around both blocks
+                hidden = hidden + layer.post_attention_layernorm(attn_out)
+                mlp_out = layer.mlp(layer.pre_feedforward_layernorm(hidden))
+                hidden = hidden + layer.post_feedforward_layernorm(mlp_out)
+            else:
+                hidden = hidden + attn_out
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = self.norm(hidden)
+        index = logits_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        logits = torch.gather(hidden, 1, index) @ self.table
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return (logits.float(), *presents)

@@ -1,0 +1,155 @@
+"""`paligemma-edge export MODEL OUT`: checkpoint → vision + decoder ONNX, tokenizer, manifest; verified."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..runtime import spec
+from ..runtime.errors import CheckpointError
+from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, checksum_files, write_manifest
+from .checkpoint import load_checkpoint, resolve_checkpoint
+from .graphs import OPSET, export_decoder, export_vision
+from .verify import raise_if_failed, verify_export
+
+VISION_FILE = "vision.onnx"
+DECODER_FILE = "decoder.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class ExportSettings:
+    dtype: str = "fp32"
+    verify: bool = True
+    verify_prompt: str = "caption en"
+    verify_steps: int = 16
+
+
+def _token_ids(tokenizer_path: Path, model) -> dict:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+
+    def require(token: str) -> int:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise CheckpointError(f"The tokenizer has no {token} token; is this a PaliGemma tokenizer?")
+        return token_id
+
+    eos = model.generation_config.eos_token_id
+    eos = [require(spec.EOS_TOKEN)] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return {
+        "image": require(spec.IMAGE_TOKEN),
+        "bos": require(spec.BOS_TOKEN),
+        "eos": eos,
+        "pad": require(spec.PAD_TOKEN),
+        "newline": tokenizer.token_to_id(spec.PROMPT_END),
+        "loc0": require(spec.loc_token(0)),
+        "seg0": require(spec.seg_token(0)),
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+    }
+
+
+def _write_tokenizer(checkpoint: Path, processor, out: Path) -> Path:
+    path = out / TOKENIZER_FILE
+    source = checkpoint / TOKENIZER_FILE
+    if source.is_file():
+        shutil.copyfile(source, path)
+    else:  # only a SentencePiece model: let transformers convert it once
+        processor.tokenizer.backend_tokenizer.save(str(path))
+    return path
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "paligemma_edge": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": OPSET,
+    }
+
+
+def export_model(model: str | Path, out_dir: str | Path, settings: ExportSettings = ExportSettings()) -> dict:
+    """Export, write the manifest, verify against transformers; returns the manifest dict."""
+    out = Path(out_dir)
+    steps = ["load checkpoint", "export vision", "export decoder", "tokenizer + manifest"]
+    steps += ["verify against transformers"] if settings.verify else []
+    bar = tqdm(steps, desc="export", unit="step", leave=True)
+    bar.set_postfix_str(steps[0])
+    checkpoint = resolve_checkpoint(model)
+    hf_model, processor = load_checkpoint(checkpoint, settings.dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_model.config
+    text_config = config.text_config
+    image_size = config.vision_config.image_size
+    bar.update()
+
+    bar.set_postfix_str(steps[1])
+    vision = export_vision(hf_model, image_size, out / VISION_FILE)
+    bar.update()
+    bar.set_postfix_str(steps[2])
+    decoder = export_decoder(hf_model, out / DECODER_FILE)
+    bar.update()
+
+    bar.set_postfix_str(steps[3])
+    tokenizer_path = _write_tokenizer(checkpoint, processor, out)
+    layer_types = list(getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers)
+    files = [VISION_FILE, VISION_FILE + ".data", DECODER_FILE, DECODER_FILE + ".data", TOKENIZER_FILE]
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_type": "paligemma2" if text_config.model_type == "gemma2" else "paligemma",
+        "source": str(model),
+        "image_size": image_size,
+        "num_image_tokens": (image_size // config.vision_config.patch_size) ** 2,
+        "text": {
+            "architecture": text_config.model_type,
+            "hidden_size": text_config.hidden_size,
+            "num_layers": text_config.num_hidden_layers,
+            "num_heads": text_config.num_attention_heads,
+            "num_kv_heads": text_config.num_key_value_heads,
+            "head_dim": text_config.head_dim,
+            "vocab_size": text_config.vocab_size,
+            "sliding_window": getattr(text_config, "sliding_window", None) if decoder["sliding"] else None,
+            "layer_types": layer_types,
+            "attn_logit_softcapping": getattr(text_config, "attn_logit_softcapping", None),
+            "final_logit_softcapping": getattr(text_config, "final_logit_softcapping", None),
+        },
+        "tokens": _token_ids(tokenizer_path, hf_model),
+        "tokenizer": TOKENIZER_FILE,
+        "graphs": {
+            "vision": {"file": VISION_FILE, "dtype": settings.dtype, **vision},
+            "decoder": {
+                "file": DECODER_FILE, "dtype": settings.dtype,
+                "inputs": decoder["inputs"], "outputs": decoder["outputs"],
+                "embedding": "tied: one [hidden, vocab] initializer, Gather(axis=1) for lookup, MatMul for logits",
+            },
+        },
+        "sliding_window_rule": (
+            "transformers: sliding layers see keys < window positions back; prefix pairs always see each other"
+        ),
+        "versions": _versions(),
+    }
+    manifest["files"] = checksum_files(out, files)
+    write_manifest(out, manifest)
+    bar.update()
+
+    if settings.verify:
+        bar.set_postfix_str(steps[4])
+        report = verify_export(
+            hf_model, processor, out, settings.dtype, settings.verify_prompt, settings.verify_steps
+        )
+        manifest["verification"] = report.to_dict()
+        write_manifest(out, manifest)  # the record stays even when verification fails
+        raise_if_failed(report)
+        bar.update()
+    bar.close()
+    return manifest

@@ -1,0 +1,82 @@
+"""Trace the vision and decoder modules to ONNX (torch.export-based exporter, external data)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from .decoder import GLOBAL_MASK, SLIDING_MASK, ExportableDecoder, cache_input_names, cache_output_names
+from .vision import ExportableVision
+
+OPSET = 18
+DECODER_INPUTS = ["input_ids", "image_embeds", "position_ids", "logits_positions", GLOBAL_MASK]
+
+
+_DECODER_DIMS = {"batch", "seq", "past_seq", "num_logits"}
+
+
+def _save(program, path: Path, rename_other_dims: str | None = None) -> None:
+    """Save with weights as external data (works past 2 GB); name derived dims (past+seq) readably."""
+    program.save(str(path), external_data=True)
+    if rename_other_dims is None:
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param and dim.dim_param not in _DECODER_DIMS:
+                dim.dim_param = rename_other_dims
+    onnx.save(model, str(path))
+
+
+def _export(module: torch.nn.Module, args: tuple, **kwargs):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, verbose=False, **kwargs)
+
+
+def export_vision(hf_model, image_size: int, path: Path) -> dict:
+    module = ExportableVision(hf_model).eval()
+    pixels = torch.zeros(2, 3, image_size, image_size)
+    batch = torch.export.Dim("batch")
+    program = _export(
+        module, (pixels,), input_names=["pixel_values"], output_names=["image_features"],
+        dynamic_shapes=({0: batch},),
+    )
+    _save(program, path)
+    return {"inputs": ["pixel_values"], "outputs": ["image_features"]}
+
+
+def export_decoder(hf_model, path: Path) -> dict:
+    module = ExportableDecoder(hf_model).eval()
+    config = module.config
+    layers = len(module.layers)
+    batch, seq, past, total = 2, 5, 3, 8
+    dtype = module.table.dtype
+    masks = [GLOBAL_MASK, SLIDING_MASK] if module.has_sliding_layers else [GLOBAL_MASK]
+    mask = torch.ones(batch, 1, seq, total, dtype=torch.bool)
+    args = (
+        torch.randint(3, 10, (batch, seq)),
+        torch.zeros(batch, seq, config.hidden_size, dtype=dtype),
+        torch.arange(past + 1, total + 1).expand(batch, seq).contiguous(),
+        torch.full((batch, 1), seq - 1),
+        mask,
+        *([mask.clone()] if module.has_sliding_layers else []),
+        # distinct tensors: torch.export would merge aliased example inputs into one graph input
+        *[torch.zeros(batch, config.num_key_value_heads, past, config.head_dim, dtype=dtype) for _ in range(2 * layers)],
+    )
+    b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past_seq")
+    mask_shape = {0: b, 2: s, 3: torch.export.Dim.AUTO}
+    dynamic = (
+        {0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: b, 1: torch.export.Dim("num_logits")}, mask_shape,
+        tuple([mask_shape] * (len(masks) - 1) + [{0: b, 2: p}] * (2 * layers)),
+    )
+    inputs = DECODER_INPUTS + masks[1:] + cache_input_names(layers)
+    outputs = ["logits"] + cache_output_names(layers)
+    program = _export(module, args, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic)
+    _save(program, path, rename_other_dims="total_seq")
+    return {"inputs": inputs, "outputs": outputs, "sliding": module.has_sliding_layers}

@@ -1,0 +1,172 @@
+"""Random PaliGemma checkpoints in Hugging Face format, for tests, demos and benchmarks.
+
+No weights can be downloaded here, so every test builds its own checkpoint: a synthetic tokenizer
+with the real special-token layout (`<pad>`, `<eos>`, `<bos>`, `<loc0000>`…, `<seg000>`…,
+`<image>`) and a randomly initialised model whose init is scaled so greedy decoding does not
+collapse to one repeated token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..runtime import spec
+
+# Words the synthetic BPE is trained on; enough variety that greedy output is readable text.
+_CORPUS_WORDS = (
+    "a the cat dog on in of and with red blue green small large sitting standing near car tree "
+    "house sky person two three white black man woman table street water grass image photo "
+    "picture shows there is are left right top bottom answer caption describe detect segment ocr "
+    "question en fr de what where how many colour color yes no"
+).split()
+
+
+_WEIGHT_GAIN = 3.0  # ×1/sqrt(fan_in): blocks outweigh the residual token embedding
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of a small random PaliGemma checkpoint (defaults: a few MB, seconds to export)."""
+
+    version: int = 1  # 1 = Gemma decoder, 2 = Gemma 2 decoder
+    image_size: int = 224
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    kv_heads: int = 1
+    head_dim: int = 16
+    text_mlp: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_mlp: int = 64
+    sliding_window: int = 4096  # Gemma 2 only
+    init_std: float = 0.2
+    seed: int = 0
+    extra_eos_ids: tuple[int, ...] = field(default=())
+
+
+def build_tokenizer():
+    """A Gemma-like fast tokenizer: BPE over '▁'-joined text, "\\n" a normal piece, the
+    PaliGemma special tokens at the end of the vocabulary and a `<bos>` post-processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Replace("▁", " ")
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[spec.PAD_TOKEN, spec.EOS_TOKEN, spec.BOS_TOKEN, "<unk>"],
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789▁\n?.,;:'-"),
+        show_progress=False,
+    )
+    lines = [" ".join(_CORPUS_WORDS[i:] + _CORPUS_WORDS[:i]) for i in range(len(_CORPUS_WORDS))]
+    tokenizer.train_from_iterator(lines, trainer)
+    tokenizer.add_tokens([spec.loc_token(i) for i in range(spec.NUM_LOC_TOKENS)])
+    tokenizer.add_tokens([spec.seg_token(i) for i in range(spec.NUM_SEG_TOKENS)])
+    tokenizer.add_special_tokens([spec.IMAGE_TOKEN])
+    bos_id = tokenizer.token_to_id(spec.BOS_TOKEN)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{spec.BOS_TOKEN} $A", special_tokens=[(spec.BOS_TOKEN, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=spec.BOS_TOKEN,
+        eos_token=spec.EOS_TOKEN,
+        pad_token=spec.PAD_TOKEN,
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def _config(tiny: TinySpec, tokenizer):
+    from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
+
+    vocab_size = len(tokenizer)
+    vision = SiglipVisionConfig(
+        hidden_size=tiny.vision_hidden,
+        intermediate_size=tiny.vision_mlp,
+        num_hidden_layers=tiny.vision_layers,
+        num_attention_heads=tiny.vision_heads,
+        patch_size=spec.PATCH_SIZE,
+        image_size=tiny.image_size,
+        vision_use_head=False,
+        projection_dim=tiny.text_hidden,
+    )
+    eos = tokenizer.eos_token_id
+    text_kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=tiny.text_hidden,
+        intermediate_size=tiny.text_mlp,
+        num_hidden_layers=tiny.text_layers,
+        num_attention_heads=tiny.text_heads,
+        num_key_value_heads=tiny.kv_heads,
+        head_dim=tiny.head_dim,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[eos, *tiny.extra_eos_ids] if tiny.extra_eos_ids else eos,
+        initializer_range=tiny.init_std,
+    )
+    if tiny.version == 1:
+        text = GemmaConfig(hidden_act="gelu_pytorch_tanh", **text_kwargs)
+    elif tiny.version == 2:
+        text = Gemma2Config(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=tiny.head_dim,
+            sliding_window=tiny.sliding_window,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            **text_kwargs,
+        )
+    else:
+        raise ValueError(f"PaliGemma version must be 1 or 2, not {tiny.version}")
+    return PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(spec.IMAGE_TOKEN),
+        projection_dim=tiny.text_hidden,
+        hidden_size=tiny.text_hidden,
+        vocab_size=vocab_size,
+    )
+
+
+def _randomize(model, std: float, seed: int) -> None:
+    """Re-draw every parameter with a scale large enough for varied greedy output.
+
+    transformers' default init (std 0.02, zero norms) yields near-uniform logits and a model
+    that repeats one token; parity tests on such a model prove nothing.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:  # norms and biases: small offsets around their defaults
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+            else:
+                scale = std if "embed_tokens" in name else _WEIGHT_GAIN / param[0].numel() ** 0.5
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def make_tiny_checkpoint(out_dir: str | Path, tiny: TinySpec = TinySpec()) -> Path:
+    """Write a tiny random PaliGemma checkpoint (model + processor) with `save_pretrained`."""
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config = _config(tiny, tokenizer)
+    torch.manual_seed(tiny.seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    _randomize(model, tiny.init_std, tiny.seed)
+    model.save_pretrained(out)
+    num_image_tokens = (tiny.image_size // spec.PATCH_SIZE) ** 2
+    image_processor = SiglipImageProcessorPil(
+        size={"height": tiny.image_size, "width": tiny.image_size},
+        image_seq_length=num_image_tokens,
+    )
+    image_processor.image_seq_length = num_image_tokens
+    PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out

@@ -1,0 +1,90 @@
+"""Check an export against transformers on the same image and prompt before calling it done."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..runtime import spec
+from ..runtime.errors import VerificationError
+from ..runtime.images import load_image, preprocess
+from ..runtime.model import PaliGemma
+
+# Max |Δlogit| allowed, relative to the largest |logit| (and at least this much absolute).
+TOLERANCE = {"fp32": 2e-3, "fp16": 5e-2}
+
+
+@dataclass
+class VerificationReport:
+    prompt: str
+    steps: int
+    tokens_agree: bool
+    hf_tokens: list[int]
+    onnx_tokens: list[int]
+    max_abs_logit_diff: float
+    max_abs_logit: float
+    tolerance: float
+    max_abs_pixel_diff: float
+    prompt_ids_agree: bool
+
+    @property
+    def passed(self) -> bool:
+        return (self.tokens_agree and self.prompt_ids_agree and self.max_abs_logit_diff <= self.tolerance)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def demo_image_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "runtime" / spec.DEMO_IMAGE
+
+
+def verify_export(
+    hf_model, processor, export_dir: Path, dtype: str = "fp32", prompt: str = "caption en", steps: int = 16,
+    image_path: Path | None = None,
+) -> VerificationReport:
+    """Greedy tokens for ``steps`` steps must agree and teacher-forced logits stay within tolerance."""
+    image = load_image(image_path or demo_image_path())
+    runtime = PaliGemma.load(export_dir, verify_checksums=False)
+    inputs = processor(images=image, text=spec.IMAGE_TOKEN + prompt, return_tensors="pt")
+    pixel_diff = float(np.abs(preprocess(image, runtime.manifest.image_size) - inputs["pixel_values"][0].numpy()).max())
+    prompt_ids_agree = runtime.prompt_ids(prompt) == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        out = hf_model.generate(
+            **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    hf_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    hf_logits = torch.cat(out.logits).float().numpy()  # [generated, vocab]
+    onnx_tokens = runtime.generate(image, prompt, max_new_tokens=steps).token_ids
+    eos = set(runtime.tokens.eos)
+    hf_cut = next((i for i, t in enumerate(hf_tokens) if t in eos), len(hf_tokens))
+    onnx_logits = runtime.score(image, prompt, hf_tokens[:-1])
+    diff = float(np.abs(onnx_logits - hf_logits).max())
+    scale = float(np.abs(hf_logits).max())
+    return VerificationReport(
+        prompt=prompt, steps=steps,
+        tokens_agree=onnx_tokens == hf_tokens[:hf_cut],
+        hf_tokens=hf_tokens[:hf_cut], onnx_tokens=onnx_tokens,
+        max_abs_logit_diff=diff, max_abs_logit=scale,
+        tolerance=TOLERANCE[dtype] * max(1.0, scale),
+        max_abs_pixel_diff=pixel_diff, prompt_ids_agree=prompt_ids_agree,
+    )
+
+
+def raise_if_failed(report: VerificationReport) -> None:
+    if report.passed:
+        return
+    problems = []
+    if not report.prompt_ids_agree:
+        problems.append("prompt token ids differ from PaliGemmaProcessor's")
+    if not report.tokens_agree:
+        problems.append(f"greedy tokens differ: transformers {report.hf_tokens} vs ONNX {report.onnx_tokens}")
+    if report.max_abs_logit_diff > report.tolerance:
+        problems.append(f"max |Δlogit| {report.max_abs_logit_diff:.3g} exceeds {report.tolerance:.3g}")
+    raise VerificationError(
+        "The export does not reproduce transformers: " + "; ".join(problems)
+        + ". Please report this with the checkpoint's config.json; --no-verify skips this check."
+    )

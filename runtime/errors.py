@@ -1,0 +1,43 @@
+"""Typed errors: every failure a user can cause says what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class PaliGemmaEdgeError(Exception):
+    """Base class of every error paligemma-edge raises on purpose."""
+
+
+class ExportNotFoundError(PaliGemmaEdgeError, FileNotFoundError):
+    """The export directory (or a file the manifest names) does not exist."""
+
+
+class CorruptExportError(PaliGemmaEdgeError, ValueError):
+    """The export directory exists but its manifest or files are unusable."""
+
+
+class ChecksumMismatchError(CorruptExportError):
+    """A file's sha256 differs from the one recorded in the manifest."""
+
+
+class ImageError(PaliGemmaEdgeError, ValueError):
+    """An image could not be read or has an unsupported shape or type."""
+
+
+class PromptError(PaliGemmaEdgeError, ValueError):
+    """A prompt is empty, of the wrong type, or names an unknown task."""
+
+
+class GenerationError(PaliGemmaEdgeError, ValueError):
+    """Generation arguments are out of range (e.g. max_new_tokens < 1)."""
+
+
+class CheckpointError(PaliGemmaEdgeError, ValueError):
+    """A Hugging Face checkpoint cannot be found, downloaded or understood."""
+
+
+class VerificationError(PaliGemmaEdgeError, RuntimeError):
+    """The exported graphs disagree with transformers beyond tolerance."""
+
+
+class MaskDecoderError(PaliGemmaEdgeError, ValueError):
+    """A VQ-VAE mask decoder file is missing, malformed, or given invalid codes."""

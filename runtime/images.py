@@ -1,0 +1,70 @@
+"""Image loading and preprocessing, identical to transformers' `SiglipImageProcessorPil` (spec §1).
+
+RGB (transparency composited onto white, grayscale replicated), bicubic squash to R×R with PIL,
+``uint8 / 255`` in float64 then float32, ``(x − 0.5) / 0.5``, channels first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from . import spec
+from .errors import ImageError
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """A path, PIL image or HxW / HxWx{1,3,4} uint8 array → an RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"Image file {path} does not exist.")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ImageError(f"Cannot read {path} as an image ({error}); use a PNG, JPEG or WebP file.") from error
+    elif isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    elif not isinstance(image, Image.Image):
+        raise ImageError(
+            f"Unsupported image type {type(image).__name__}; pass a file path, a PIL.Image or an HxWx3 uint8 array."
+        )
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"Image has no pixels ({image.width}x{image.height}).")
+    return _to_rgb(image)
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageError(f"Image arrays must be uint8 (0–255), got {array.dtype}; convert with .astype(np.uint8).")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(array, mode="L")
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(array), mode="RGB" if array.shape[2] == 3 else "RGBA")
+    raise ImageError(f"Image arrays must be HxW or HxWx{{1,3,4}}, got shape {array.shape}.")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, size: int) -> np.ndarray:
+    """RGB PIL image → float32 [3, size, size] pixel values."""
+    resized = np.asarray(image.resize((size, size), resample=Image.Resampling.BICUBIC))
+    scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+    normalized = (scaled - np.float32(spec.IMAGE_MEAN)) / np.float32(spec.IMAGE_STD)
+    return np.ascontiguousarray(normalized.transpose(2, 0, 1))

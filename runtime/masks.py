@@ -1,0 +1,47 @@
+"""Attention masks for prefix-LM decoding, as small pure functions over numpy arrays.
+
+The definition is big_vision's (spec §3.4): token j is visible to token i iff
+``cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]`` and both are valid, where mask_ar is 0 for prefix
+tokens (image + bos + prompt + "\\n", attended bidirectionally) and 1 for suffix tokens (causal).
+This covers padding, batches of different lengths and multi-token suffixes in one call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_attn_mask(mask_ar: np.ndarray, valid: np.ndarray, num_queries: int | None = None) -> np.ndarray:
+    """Boolean [B, 1, Q, K] mask for the last ``num_queries`` of K tokens (all of them if None).
+
+    mask_ar, valid: [B, K] arrays over every token so far (cache + current call).
+    """
+    cumulative = np.cumsum(mask_ar, axis=1)
+    num_queries = cumulative.shape[1] if num_queries is None else num_queries
+    query_cum = cumulative[:, -num_queries:, None]
+    query_valid = valid[:, -num_queries:, None]
+    mask = (cumulative[:, None, :] <= query_cum) & valid[:, None, :].astype(bool) & query_valid.astype(bool)
+    return mask[:, None]
+
+
+def restrict_to_window(
+    mask: np.ndarray, positions: np.ndarray, mask_ar: np.ndarray, window: int
+) -> np.ndarray:
+    """Gemma 2 sliding-window layers, transformers' rule (spec §3.7).
+
+    A query sees keys fewer than ``window`` positions back; pairs of prefix tokens always see each
+    other (transformers ORs its bidirectional prefix block over the window). Distances use token
+    positions, not cache slots, so left padding in a batch does not shift the window and each
+    batched row equals its single-prompt run.
+    """
+    num_queries = mask.shape[2]
+    query_pos = positions[:, -num_queries:, None]
+    in_window = (query_pos - positions[:, None, :]) < window
+    is_prefix = np.cumsum(mask_ar, axis=1) == 0
+    both_prefix = is_prefix[:, -num_queries:, None] & is_prefix[:, None, :]
+    return mask & (in_window | both_prefix)[:, None]
+
+
+def positions_from_valid(valid: np.ndarray) -> np.ndarray:
+    """1-indexed positions that skip padding (transformers' PaliGemma convention, spec §3.5)."""
+    return np.where(valid, np.cumsum(valid, axis=1), 1).astype(np.int64)

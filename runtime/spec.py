@@ -1,0 +1,47 @@
+"""Constants of the PaliGemma I/O specification (shared/spec/paligemma-io.md), in one place.
+
+Token *ids* are deliberately absent: they are read from each export's tokenizer (spec §5).
+"""
+
+from __future__ import annotations
+
+IMAGE_TOKEN = "<image>"
+BOS_TOKEN = "<bos>"
+EOS_TOKEN = "<eos>"
+PAD_TOKEN = "<pad>"
+PROMPT_END = "\n"  # appended to every prompt (spec §2); not a stop token (spec §9)
+
+NUM_LOC_TOKENS = 1024  # <loc0000> … <loc1023>
+NUM_SEG_TOKENS = 128  # <seg000> … <seg127>
+SEG_CODES_PER_OBJECT = 16
+LOC_TOKENS_PER_BOX = 4  # y_min, x_min, y_max, x_max
+OBJECT_SEPARATOR = " ; "
+
+
+def loc_token(index: int) -> str:
+    return f"<loc{index:04d}>"
+
+
+def seg_token(index: int) -> str:
+    return f"<seg{index:03d}>"
+
+
+# Image preprocessing (spec §1): RGB, bicubic squash to R×R, x/255, (x − 0.5) / 0.5.
+IMAGE_MEAN = 0.5
+IMAGE_STD = 0.5
+PATCH_SIZE = 14
+
+# Box de-normalisation divisor (spec §6): 1024 as in the HF Space parser, 1023 as in big_vision.
+LOC_DIVISOR_HF = 1024
+LOC_DIVISOR_BIG_VISION = 1023
+
+# Generation defaults (spec §9).
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS_LOCALIZATION = 100  # detect / segment, as in the HF Space
+
+# Task prefixes (spec §8); the runtime appends PROMPT_END.
+CAPTION_PREFIXES = ("cap", "caption", "describe")
+TASK_PREFIXES = ("cap", "caption", "describe", "ocr", "answer", "question", "detect", "segment")
+
+# Bundled demo / verification image (a house, a car and the sun; 320×240).
+DEMO_IMAGE = "assets/demo.png"
