@@ -39,7 +39,6 @@ class ExportableDecoder(nn.Module):
         self.layers = language_model.layers
         self.norm = language_model.norm
         self.rotary_emb = language_model.rotary_emb
-        self.image_token_id = hf_model.config.image_token_id
         self.embed_scale = float(config.hidden_size) ** 0.5
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(self.layers))
@@ -52,7 +51,13 @@ class ExportableDecoder(nn.Module):
         return "sliding_attention" in self.layer_types
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        is_image = input_ids == self.image_token_id
+        """Token embeddings × sqrt(hidden); positions whose id is negative
+        (spec.IMAGE_SLOT) take image_embeds.
+
+        The runtime marks image positions with a negative id rather than the `<image>` id, so an
+        `<image>` token the model itself generates is embedded like any token, as in transformers.
+        """
+        is_image = input_ids < 0
         safe_ids = torch.where(is_image, torch.zeros_like(input_ids), input_ids)
         batch, seq = input_ids.shape
         rows = torch.index_select(self.table, 1, safe_ids.reshape(-1))  # [hidden, batch*seq]

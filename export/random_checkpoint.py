@@ -23,6 +23,8 @@ _CORPUS_WORDS = (
 
 
 _WEIGHT_GAIN = 3.0  # ×1/sqrt(fan_in): blocks outweigh the residual token embedding
+_LOGIT_SPREAD = 2.0  # final-norm gain (1 + w) ≈ this
+_POST_NORM_GAIN = 5.0  # Gemma 2 post-attention / post-ffw norm gains
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,14 @@ class TinySpec:
 
 
 def build_tokenizer():
-    """A Gemma-like fast tokenizer: BPE over '▁'-joined text, "\\n" a normal piece, the
+    """A Gemma-like fast tokenizer: BPE over '▁'-marked words, "\\n" a normal piece, the
     PaliGemma special tokens at the end of the vocabulary and a `<bos>` post-processor."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Replace(" ", "▁")
-    tokenizer.decoder = decoders.Replace("▁", " ")
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
     trainer = trainers.BpeTrainer(
         vocab_size=400,
         special_tokens=[spec.PAD_TOKEN, spec.EOS_TOKEN, spec.BOS_TOKEN, "<unk>"],
@@ -148,6 +150,14 @@ def _randomize(model, std: float, seed: int) -> None:
             else:
                 scale = std if "embed_tokens" in name else _WEIGHT_GAIN / param[0].numel() ** 0.5
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
+        # Gemma norms scale by (1 + w): a larger final-norm weight spreads the logits, so greedy
+        # choices are decided by margins far above float rounding (no flaky near-ties in tests).
+        language_model = model.model.language_model
+        language_model.norm.weight.add_(_LOGIT_SPREAD - 1.0)
+        for layer in language_model.layers:
+            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2: let the post-normed blocks
+                layer.post_attention_layernorm.weight.add_(_POST_NORM_GAIN - 1.0)  # outweigh the
+                layer.post_feedforward_layernorm.weight.add_(_POST_NORM_GAIN - 1.0)  # embedding
 
 
 def make_tiny_checkpoint(out_dir: str | Path, tiny: TinySpec = TinySpec()) -> Path:

@@ -185,7 +185,10 @@ class PaliGemma:
             ids[b, start:] = prefix + suffix
             valid[b, start:] = True
             mask_ar[b, start + len(prefix):] = 1
-            embeds[b, ids[b] == self.tokens.image] = features[b].features
+            slots = np.zeros(length, dtype=bool)
+            slots[start : start + len(prefix)] = np.asarray(prefix) == self.tokens.image
+            ids[b, slots] = spec.IMAGE_SLOT
+            embeds[b, slots] = features[b].features
         seq = _Sequence(mask_ar, valid, positions_from_valid(valid))
         cache = KVCache(self._cache_names, batch, self.kv_heads, self.head_dim, self._cache_dtype)
         num_scored = max(map(len, suffix_ids)) + 1

@@ -45,3 +45,6 @@ TASK_PREFIXES = ("cap", "caption", "describe", "ocr", "answer", "question", "det
 
 # Bundled demo / verification image (a house, a car and the sun; 320×240).
 DEMO_IMAGE = "assets/demo.png"
+
+# Export format: a negative decoder input id marks a position filled from `image_embeds`.
+IMAGE_SLOT = -1

@@ -1,0 +1,119 @@
+"""`paligemma-edge` command line: export, run, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .runtime import spec
+from .runtime.errors import PaliGemmaEdgeError
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export.exporter import ExportSettings, export_model
+
+    settings = ExportSettings(dtype=args.dtype, verify=not args.no_verify)
+    manifest = export_model(args.model, args.out_dir, settings)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        from .runtime.manifest import load_manifest
+
+        print(load_manifest(args.out_dir).summary())
+        print(f"done: {args.out_dir}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runtime.model import PaliGemma
+
+    timings = {}
+    start = time.perf_counter()
+    model = PaliGemma.load(args.export_dir, threads=args.threads, verify_checksums=not args.no_verify_checksums)
+    timings["load_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    features = model.encode_image(args.image)
+    timings["vision_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    result = model.generate(features, args.prompt, max_new_tokens=args.max_new_tokens)
+    timings["generate_s"] = time.perf_counter() - start
+    from .runtime.outputs import parse_output
+
+    parsed = parse_output(result.text, features.width, features.height)
+    if args.json:
+        print(json.dumps({
+            "prompt": args.prompt, "text": result.text, "token_ids": result.token_ids,
+            "objects": [obj.to_dict() for obj in parsed.objects], "dropped": parsed.dropped,
+            "image_size": [features.width, features.height], "timings": timings,
+        }, indent=2))
+    else:
+        print(result.text)
+        for obj in parsed.objects:
+            x0, y0, x1, y1 = obj.box
+            print(f"  {obj.label or '(no label)'}: x0={x0:.1f} y0={y0:.1f} x1={x1:.1f} y1={y1:.1f}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .runtime.manifest import load_manifest
+
+    manifest = load_manifest(args.export_dir)
+    print(json.dumps(manifest.data, indent=2) if args.json else manifest.summary())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.work_dir), as_json=args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paligemma-edge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    export = sub.add_parser("export", help="export a Hugging Face PaliGemma checkpoint to ONNX")
+    export.add_argument("model", help="local checkpoint directory or hub id (e.g. google/paligemma-3b-mix-224)")
+    export.add_argument("out_dir", type=Path)
+    export.add_argument("--dtype", choices=["fp32"], default="fp32")
+    export.add_argument("--no-verify", action="store_true", help="skip the check against transformers")
+    export.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    export.set_defaults(func=_cmd_export)
+
+    run = sub.add_parser("run", help="run one prompt on one image")
+    run.add_argument("export_dir", type=Path)
+    run.add_argument("--image", required=True)
+    run.add_argument("--prompt", required=True, help='e.g. "caption en", "detect cat ; dog"')
+    run.add_argument("--max-new-tokens", type=int, default=spec.DEFAULT_MAX_NEW_TOKENS)
+    run.add_argument("--threads", type=int, default=None)
+    run.add_argument("--no-verify-checksums", action="store_true", help="skip sha256 of the export's files")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(func=_cmd_run)
+
+    info = sub.add_parser("info", help="summarise an export directory's manifest")
+    info.add_argument("export_dir", type=Path)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_cmd_info)
+
+    demo = sub.add_parser("demo", help="build a tiny RANDOM checkpoint, export it and run it (no download)")
+    demo.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"))
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PaliGemmaEdgeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

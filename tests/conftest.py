@@ -1,0 +1,86 @@
+"""Fixtures: tiny random PaliGemma checkpoints built with save_pretrained, and their exports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from paligemma_edge.export.random_checkpoint import TinySpec, make_tiny_checkpoint
+
+VARIANTS = {
+    # PaliGemma 1: Gemma decoder, one KV head (MQA), 224 px
+    "pg1": TinySpec(version=1, kv_heads=1, seed=1),
+    # PaliGemma 1 with several KV heads (GQA) at 448 px (1024 image tokens)
+    "pg1_gqa_448": TinySpec(version=1, kv_heads=2, image_size=448, seed=2),
+    # PaliGemma 2: softcaps, post-norms, GQA, and a sliding window shorter than the prefix
+    "pg2": TinySpec(version=2, kv_heads=2, sliding_window=24, seed=3),
+}
+
+
+@dataclass
+class Exported:
+    name: str
+    checkpoint: Path
+    export_dir: Path
+    manifest: dict
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory) -> dict[str, Exported]:
+    from paligemma_edge.export.exporter import export_model
+
+    root = tmp_path_factory.mktemp("exports")
+    built = {}
+    for name, tiny in VARIANTS.items():
+        checkpoint = make_tiny_checkpoint(root / f"{name}-hf", tiny)
+        manifest = export_model(checkpoint, root / name)
+        built[name] = Exported(name, checkpoint, root / name, manifest)
+    return built
+
+
+@pytest.fixture(scope="session", params=list(VARIANTS))
+def exported(request, exports) -> Exported:
+    return exports[request.param]
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    demo = Path(__file__).resolve().parent.parent / "runtime" / "assets" / "demo.png"
+    return [
+        Image.open(demo).convert("RGB"),
+        Image.fromarray(rng.integers(0, 256, (97, 203, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (300, 120, 3), dtype=np.uint8)),
+    ]
+
+
+PROMPTS = ["caption en", "detect house ; car", "answer en what is on the table?"]
+
+
+def load_hf(checkpoint: Path):
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    return model, AutoProcessor.from_pretrained(checkpoint)
+
+
+def hf_generate(model, processor, images, prompts, max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy generate (left-padded batch), cut at the first eos of each row."""
+    import torch
+
+    inputs = processor(
+        images=list(images), text=["<image>" + p for p in prompts], return_tensors="pt", padding="longest"
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    rows = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
