@@ -19,7 +19,9 @@ def resolve_checkpoint(model: str | Path) -> Path:
         return path
     text = str(model)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise CheckpointError(f"{text} is neither an existing directory nor a hub id like 'google/paligemma-3b-mix-224'.")
+        raise CheckpointError(
+            f"{text} is neither an existing directory nor a hub id like 'google/paligemma-3b-mix-224'."
+        )
     from huggingface_hub import snapshot_download
 
     try:

@@ -72,13 +72,18 @@ def _versions() -> dict:
     from .. import __version__
 
     return {
-        "paligemma_edge": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
-        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": OPSET,
+        "paligemma_edge": __version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": OPSET,
     }
 
 
-def export_model(model: str | Path, out_dir: str | Path, settings: ExportSettings = ExportSettings()) -> dict:
+def export_model(model: str | Path, out_dir: str | Path, settings: ExportSettings | None = None) -> dict:
     """Export, write the manifest, verify against transformers; returns the manifest dict."""
+    settings = settings or ExportSettings()
     out = Path(out_dir)
     steps = ["load checkpoint", "export vision", "export decoder", "tokenizer + manifest"]
     steps += ["verify against transformers"] if settings.verify else []
@@ -128,8 +133,10 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
         "graphs": {
             "vision": {"file": VISION_FILE, "dtype": settings.dtype, **vision},
             "decoder": {
-                "file": DECODER_FILE, "dtype": settings.dtype,
-                "inputs": decoder["inputs"], "outputs": decoder["outputs"],
+                "file": DECODER_FILE,
+                "dtype": settings.dtype,
+                "inputs": decoder["inputs"],
+                "outputs": decoder["outputs"],
                 "embedding": "tied: one [hidden, vocab] initializer, Gather(axis=1) for lookup, MatMul for logits",
             },
         },
@@ -144,9 +151,7 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
 
     if settings.verify:
         bar.set_postfix_str(steps[4])
-        report = verify_export(
-            hf_model, processor, out, settings.dtype, settings.verify_prompt, settings.verify_steps
-        )
+        report = verify_export(hf_model, processor, out, settings.dtype, settings.verify_prompt, settings.verify_steps)
         manifest["verification"] = report.to_dict()
         write_manifest(out, manifest)  # the record stays even when verification fails
         raise_if_failed(report)

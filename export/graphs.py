@@ -44,7 +44,10 @@ def export_vision(hf_model, image_size: int, path: Path) -> dict:
     pixels = torch.zeros(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch")
     program = _export(
-        module, (pixels,), input_names=["pixel_values"], output_names=["image_features"],
+        module,
+        (pixels,),
+        input_names=["pixel_values"],
+        output_names=["image_features"],
         dynamic_shapes=({0: batch},),
     )
     _save(program, path)
@@ -67,12 +70,19 @@ def export_decoder(hf_model, path: Path) -> dict:
         mask,
         *([mask.clone()] if module.has_sliding_layers else []),
         # distinct tensors: torch.export would merge aliased example inputs into one graph input
-        *[torch.zeros(batch, config.num_key_value_heads, past, config.head_dim, dtype=dtype) for _ in range(2 * layers)],
+        *[
+            torch.zeros(batch, config.num_key_value_heads, past, config.head_dim, dtype=dtype)
+            for _ in range(2 * layers)
+        ],
     )
     b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past_seq")
     mask_shape = {0: b, 2: s, 3: torch.export.Dim.AUTO}
     dynamic = (
-        {0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: b, 1: torch.export.Dim("num_logits")}, mask_shape,
+        {0: b, 1: s},
+        {0: b, 1: s},
+        {0: b, 1: s},
+        {0: b, 1: torch.export.Dim("num_logits")},
+        mask_shape,
         tuple([mask_shape] * (len(masks) - 1) + [{0: b, 2: p}] * (2 * layers)),
     )
     inputs = DECODER_INPUTS + masks[1:] + cache_input_names(layers)

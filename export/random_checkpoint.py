@@ -14,12 +14,69 @@ from pathlib import Path
 from ..runtime import spec
 
 # Words the synthetic BPE is trained on; enough variety that greedy output is readable text.
-_CORPUS_WORDS = (
-    "a the cat dog on in of and with red blue green small large sitting standing near car tree "
-    "house sky person two three white black man woman table street water grass image photo "
-    "picture shows there is are left right top bottom answer caption describe detect segment ocr "
-    "question en fr de what where how many colour color yes no"
-).split()
+_CORPUS_WORDS = [
+    "a",
+    "the",
+    "cat",
+    "dog",
+    "on",
+    "in",
+    "of",
+    "and",
+    "with",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "sitting",
+    "standing",
+    "near",
+    "car",
+    "tree",
+    "house",
+    "sky",
+    "person",
+    "two",
+    "three",
+    "white",
+    "black",
+    "man",
+    "woman",
+    "table",
+    "street",
+    "water",
+    "grass",
+    "image",
+    "photo",
+    "picture",
+    "shows",
+    "there",
+    "is",
+    "are",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "answer",
+    "caption",
+    "describe",
+    "detect",
+    "segment",
+    "ocr",
+    "question",
+    "en",
+    "fr",
+    "de",
+    "what",
+    "where",
+    "how",
+    "many",
+    "colour",
+    "color",
+    "yes",
+    "no",
+]
 
 
 _WEIGHT_GAIN = 3.0  # ×1/sqrt(fan_in): blocks outweigh the residual token embedding

@@ -32,7 +32,7 @@ class VerificationReport:
 
     @property
     def passed(self) -> bool:
-        return (self.tokens_agree and self.prompt_ids_agree and self.max_abs_logit_diff <= self.tolerance)
+        return self.tokens_agree and self.prompt_ids_agree and self.max_abs_logit_diff <= self.tolerance
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -43,7 +43,12 @@ def demo_image_path() -> Path:
 
 
 def verify_export(
-    hf_model, processor, export_dir: Path, dtype: str = "fp32", prompt: str = "caption en", steps: int = 16,
+    hf_model,
+    processor,
+    export_dir: Path,
+    dtype: str = "fp32",
+    prompt: str = "caption en",
+    steps: int = 16,
     image_path: Path | None = None,
 ) -> VerificationReport:
     """Greedy tokens for ``steps`` steps must agree and teacher-forced logits stay within tolerance."""
@@ -56,7 +61,7 @@ def verify_export(
         out = hf_model.generate(
             **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
-    hf_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    hf_tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     hf_logits = torch.cat(out.logits).float().numpy()  # [generated, vocab]
     onnx_tokens = runtime.generate(image, prompt, max_new_tokens=steps).token_ids
     eos = set(runtime.tokens.eos)
@@ -65,12 +70,16 @@ def verify_export(
     diff = float(np.abs(onnx_logits - hf_logits).max())
     scale = float(np.abs(hf_logits).max())
     return VerificationReport(
-        prompt=prompt, steps=steps,
+        prompt=prompt,
+        steps=steps,
         tokens_agree=onnx_tokens == hf_tokens[:hf_cut],
-        hf_tokens=hf_tokens[:hf_cut], onnx_tokens=onnx_tokens,
-        max_abs_logit_diff=diff, max_abs_logit=scale,
+        hf_tokens=hf_tokens[:hf_cut],
+        onnx_tokens=onnx_tokens,
+        max_abs_logit_diff=diff,
+        max_abs_logit=scale,
         tolerance=TOLERANCE[dtype] * max(1.0, scale),
-        max_abs_pixel_diff=pixel_diff, prompt_ids_agree=prompt_ids_agree,
+        max_abs_pixel_diff=pixel_diff,
+        prompt_ids_agree=prompt_ids_agree,
     )
 
 
@@ -85,6 +94,7 @@ def raise_if_failed(report: VerificationReport) -> None:
     if report.max_abs_logit_diff > report.tolerance:
         problems.append(f"max |Δlogit| {report.max_abs_logit_diff:.3g} exceeds {report.tolerance:.3g}")
     raise VerificationError(
-        "The export does not reproduce transformers: " + "; ".join(problems)
+        "The export does not reproduce transformers: "
+        + "; ".join(problems)
         + ". Please report this with the checkpoint's config.json; --no-verify skips this check."
     )

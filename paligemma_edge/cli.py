@@ -44,11 +44,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     parsed = parse_output(result.text, features.width, features.height)
     if args.json:
-        print(json.dumps({
-            "prompt": args.prompt, "text": result.text, "token_ids": result.token_ids,
-            "objects": [obj.to_dict() for obj in parsed.objects], "dropped": parsed.dropped,
-            "image_size": [features.width, features.height], "timings": timings,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "prompt": args.prompt,
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "objects": [obj.to_dict() for obj in parsed.objects],
+                    "dropped": parsed.dropped,
+                    "image_size": [features.width, features.height],
+                    "timings": timings,
+                },
+                indent=2,
+            )
+        )
     else:
         print(result.text)
         for obj in parsed.objects:

@@ -49,9 +49,11 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
         return report
     print("\n" + report["note"])
     verification = report["verification"]
-    print(f"export verified against transformers: {verification['passed']} "
-          f"(max |Δlogit| {verification['max_abs_logit_diff']:.2e}, "
-          f"{len(verification['hf_tokens'])} greedy tokens identical)")
+    print(
+        f"export verified against transformers: {verification['passed']} "
+        f"(max |Δlogit| {verification['max_abs_logit_diff']:.2e}, "
+        f"{len(verification['hf_tokens'])} greedy tokens identical)"
+    )
     print(f"caption en  → {caption.text!r}")
     print(f"detect house ; car → {len(detection.objects)} objects, dropped: {detection.dropped}")
     for obj in detection.objects:

@@ -7,7 +7,6 @@ RGB (transparency composited onto white, grayscale replicated), bicubic squash t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -15,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from . import spec
 from .errors import ImageError
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = str | Path | Image.Image | np.ndarray
 
 
 def load_image(image: ImageInput) -> Image.Image:

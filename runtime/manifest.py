@@ -74,8 +74,13 @@ class Manifest:
     def tokens(self) -> TokenIds:
         t = self.data["tokens"]
         return TokenIds(
-            image=t["image"], bos=t["bos"], eos=tuple(t["eos"]), pad=t["pad"],
-            newline=t.get("newline"), loc0=t["loc0"], seg0=t["seg0"],
+            image=t["image"],
+            bos=t["bos"],
+            eos=tuple(t["eos"]),
+            pad=t["pad"],
+            newline=t.get("newline"),
+            loc0=t["loc0"],
+            seg0=t["seg0"],
         )
 
     def graph(self, name: str) -> dict[str, Any]:

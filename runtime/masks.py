@@ -24,9 +24,7 @@ def make_attn_mask(mask_ar: np.ndarray, valid: np.ndarray, num_queries: int | No
     return mask[:, None]
 
 
-def restrict_to_window(
-    mask: np.ndarray, positions: np.ndarray, mask_ar: np.ndarray, window: int
-) -> np.ndarray:
+def restrict_to_window(mask: np.ndarray, positions: np.ndarray, mask_ar: np.ndarray, window: int) -> np.ndarray:
     """Gemma 2 sliding-window layers, transformers' rule (spec §3.7).
 
     A query sees keys fewer than ``window`` positions back; pairs of prefix tokens always see each

@@ -70,8 +70,9 @@ def _session(path: Path, providers: list | None, threads: int | None, prepack: b
 class PaliGemma:
     """A PaliGemma export, ready to caption, answer, read, detect and segment."""
 
-    def __init__(self, manifest: Manifest, vision: ort.InferenceSession, decoder: ort.InferenceSession,
-                 tokenizer: Tokenizer):
+    def __init__(
+        self, manifest: Manifest, vision: ort.InferenceSession, decoder: ort.InferenceSession, tokenizer: Tokenizer
+    ):
         self.manifest = manifest
         self.vision = vision
         self.decoder = decoder
@@ -149,8 +150,9 @@ class PaliGemma:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     # ----------------------------------------------------------------- decoder calls
-    def _run_decoder(self, ids: np.ndarray, embeds: np.ndarray, seq: _Sequence, cache: KVCache,
-                     logits_positions: np.ndarray) -> np.ndarray:
+    def _run_decoder(
+        self, ids: np.ndarray, embeds: np.ndarray, seq: _Sequence, cache: KVCache, logits_positions: np.ndarray
+    ) -> np.ndarray:
         num_queries = ids.shape[1]
         mask = make_attn_mask(seq.mask_ar, seq.valid, num_queries)
         feeds = {
@@ -169,8 +171,9 @@ class PaliGemma:
         cache.update(presents)
         return logits
 
-    def _prefill(self, features: list[ImageFeatures], prompt_ids: list[list[int]],
-                 suffix_ids: list[list[int]] | None = None):
+    def _prefill(
+        self, features: list[ImageFeatures], prompt_ids: list[list[int]], suffix_ids: list[list[int]] | None = None
+    ):
         """Left-pad the prefixes (+ optional suffixes), run them in one call, return logits and state."""
         batch = len(prompt_ids)
         suffix_ids = suffix_ids or [[] for _ in range(batch)]
@@ -184,7 +187,7 @@ class PaliGemma:
             start = length - len(prefix) - len(suffix)
             ids[b, start:] = prefix + suffix
             valid[b, start:] = True
-            mask_ar[b, start + len(prefix):] = 1
+            mask_ar[b, start + len(prefix) :] = 1
             slots = np.zeros(length, dtype=bool)
             slots[start : start + len(prefix)] = np.asarray(prefix) == self.tokens.image
             ids[b, slots] = spec.IMAGE_SLOT
@@ -196,11 +199,11 @@ class PaliGemma:
         logits = self._run_decoder(ids, embeds, seq, cache, logits_positions)
         return logits, seq, cache
 
-    def _greedy(self, features: list[ImageFeatures], prompt_list: list[str],
-                max_new_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _greedy(
+        self, features: list[ImageFeatures], prompt_list: list[str], max_new_tokens: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (next token ids [B], their log-probs [B]) per step; stops when every row hit eos."""
-        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
-                or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
         ids = [self.prompt_ids(p) for p in prompt_list]
         logits, seq, cache = self._prefill(features, ids)
@@ -265,11 +268,11 @@ class PaliGemma:
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte token
                 continue
             if text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted):]
+                yield text[len(emitted) :]
                 emitted = text
         final = self.decode(token_ids)
         if final != emitted and final.startswith(emitted):
-            yield final[len(emitted):]
+            yield final[len(emitted) :]
 
     def score(self, image: ImageInput | ImageFeatures, prompt: str, continuation_ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [len(continuation)+1, vocab] in one decoder call.
@@ -287,26 +290,44 @@ class PaliGemma:
         return self.encode_images(images)
 
     # ----------------------------------------------------------------- task helpers
-    def caption(self, image: ImageInput | ImageFeatures, lang: str = "en", style: str = "caption",
-                max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS) -> str:
+    def caption(
+        self,
+        image: ImageInput | ImageFeatures,
+        lang: str = "en",
+        style: str = "caption",
+        max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS,
+    ) -> str:
         return self.generate(image, prompts.caption_prompt(lang, style), max_new_tokens).text
 
-    def answer(self, image: ImageInput | ImageFeatures, question: str, lang: str = "en",
-               max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS) -> str:
+    def answer(
+        self,
+        image: ImageInput | ImageFeatures,
+        question: str,
+        lang: str = "en",
+        max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS,
+    ) -> str:
         return self.generate(image, prompts.answer_prompt(question, lang), max_new_tokens).text
 
     def ocr(self, image: ImageInput | ImageFeatures, max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS) -> str:
         return self.generate(image, prompts.ocr_prompt(), max_new_tokens).text
 
-    def detect(self, image: ImageInput | ImageFeatures, labels: str | Sequence[str],
-               max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
-               divisor: float = spec.LOC_DIVISOR_HF) -> ParsedOutput:
+    def detect(
+        self,
+        image: ImageInput | ImageFeatures,
+        labels: str | Sequence[str],
+        max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
+        divisor: float = spec.LOC_DIVISOR_HF,
+    ) -> ParsedOutput:
         """Boxes in pixels of the original image (x0, y0, x1, y1), one object per found instance."""
         return self._localize(image, prompts.detect_prompt(labels), max_new_tokens, divisor)
 
-    def segment(self, image: ImageInput | ImageFeatures, labels: str | Sequence[str],
-                max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
-                divisor: float = spec.LOC_DIVISOR_HF) -> ParsedOutput:
+    def segment(
+        self,
+        image: ImageInput | ImageFeatures,
+        labels: str | Sequence[str],
+        max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
+        divisor: float = spec.LOC_DIVISOR_HF,
+    ) -> ParsedOutput:
         """Boxes plus the 16 `<seg>` codes of each object (masks need a mask decoder)."""
         return self._localize(image, prompts.segment_prompt(labels), max_new_tokens, divisor)
 
@@ -323,7 +344,12 @@ def _is_batch(value) -> bool:
 def _pair(image, prompt) -> tuple[list, list[str]]:
     """Broadcast one image over many prompts or one prompt over many images."""
     images = list(image) if _is_batch(image) else [image]
-    prompt_list = [prompt] if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str):
+        prompt_list = [prompt]
+    elif isinstance(prompt, (list, tuple)):
+        prompt_list = list(prompt)
+    else:
+        raise PromptError(f"A prompt must be a string or a list of strings, got {type(prompt).__name__}.")
     if not prompt_list:
         raise PromptError("No prompt given.")
     if len(images) == 1 and len(prompt_list) > 1:

@@ -68,6 +68,10 @@ class _Pending:
     segs: list[int] = field(default_factory=list)
     label: list[str] = field(default_factory=list)
 
+    @property
+    def has_label(self) -> bool:
+        return bool("".join(self.label).strip())
+
 
 def _spans(text: str) -> list[tuple[str, Any]]:
     """Lex into ("loc", n), ("seg", n), ("sep", None) and ("text", s) spans."""
@@ -88,9 +92,7 @@ def _spans(text: str) -> list[tuple[str, Any]]:
     return spans
 
 
-def parse_output(
-    text: str, width: float, height: float, divisor: float = spec.LOC_DIVISOR_HF
-) -> ParsedOutput:
+def parse_output(text: str, width: float, height: float, divisor: float = spec.LOC_DIVISOR_HF) -> ParsedOutput:
     """Parse a detect/segment output into pixel boxes for an image of ``width`` × ``height``.
 
     ``divisor`` maps a bin to [0, 1]: 1024 (default, as transformers' users and Google's HF Space
@@ -120,7 +122,7 @@ def parse_output(
 
     for kind, value in _spans(text):
         if kind == "loc":
-            if current is not None and (current.segs or current.label or len(current.locs) == 4):
+            if current is not None and (current.segs or current.has_label or len(current.locs) == 4):
                 finish(current)
                 current = None
             current = current or _Pending()
@@ -128,7 +130,7 @@ def parse_output(
         elif kind == "seg":
             if current is None:
                 result.dropped.append(f"<seg{value:03d}> outside an object")
-            elif current.label:
+            elif current.has_label:
                 result.dropped.append(f"<seg{value:03d}> after the label {''.join(current.label).strip()!r}")
             else:
                 current.segs.append(value)

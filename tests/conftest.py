@@ -80,7 +80,7 @@ def hf_generate(model, processor, images, prompts, max_new_tokens: int) -> list[
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos)
     rows = []
-    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+    for row in out[:, inputs["input_ids"].shape[1] :].tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
         rows.append(row[:cut])
     return rows

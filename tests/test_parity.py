@@ -65,8 +65,9 @@ def test_teacher_forced_logits_match_transformers(exported, hf_cache, images):
     prompt = "caption en"
     continuation = runtime.generate(images[0], prompt, max_new_tokens=12).token_ids
     assert len(continuation) >= 4
-    inputs = processor(images=images[0], text="<image>" + prompt, suffix=processor.decode(continuation),
-                       return_tensors="pt")
+    inputs = processor(
+        images=images[0], text="<image>" + prompt, suffix=processor.decode(continuation), return_tensors="pt"
+    )
     ids = inputs["input_ids"][0].tolist()
     prefix_len = int((inputs["token_type_ids"][0] == 0).sum())
     suffix = ids[prefix_len:]
@@ -92,8 +93,7 @@ def test_encode_once_prompt_many(exported, images):
     features = runtime.encode_image(images[0])
     assert features.features.shape == (runtime.manifest.num_image_tokens, runtime.hidden_size)
     many = runtime.generate(features, PROMPTS, max_new_tokens=10)
-    assert [r.token_ids for r in many] == [runtime.generate(images[0], p, max_new_tokens=10).token_ids
-                                           for p in PROMPTS]
+    assert [r.token_ids for r in many] == [runtime.generate(images[0], p, max_new_tokens=10).token_ids for p in PROMPTS]
 
 
 def test_pixel_values_equal_hf_processor(exported, hf_cache, images):
@@ -107,8 +107,9 @@ def test_pixel_values_equal_hf_processor(exported, hf_cache, images):
         images[2].convert("P"),  # palette image
     ]
     for image in [*images, *odd]:
-        expected = processor.image_processor(load_image(image) if isinstance(image, np.ndarray) else image,
-                                             return_tensors="np")["pixel_values"][0]
+        expected = processor.image_processor(
+            load_image(image) if isinstance(image, np.ndarray) else image, return_tensors="np"
+        )["pixel_values"][0]
         got = preprocess(load_image(image), size)
         assert got.dtype == np.float32 and got.shape == (3, size, size)
         np.testing.assert_array_equal(got, expected)

@@ -1,0 +1,48 @@
+"""The `paligemma-edge` command line, run as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from paligemma_edge import PaliGemma
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "paligemma_edge.cli", *args], capture_output=True, text=True)
+
+
+def test_run_json_matches_api(exports, images, tmp_path):
+    image = tmp_path / "i.png"
+    images[0].save(image)
+    export_dir = exports["pg2"].export_dir
+    out = cli(
+        "run",
+        str(export_dir),
+        "--image",
+        str(image),
+        "--prompt",
+        "detect house ; car",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    expected = PaliGemma.load(export_dir).generate(image, "detect house ; car", max_new_tokens=12)
+    assert report["token_ids"] == expected.token_ids and report["text"] == expected.text
+    assert report["image_size"] == [images[0].width, images[0].height]
+    assert {"load_s", "vision_s", "generate_s"} <= set(report["timings"])
+
+
+def test_info(exports):
+    out = cli("info", str(exports["pg1"].export_dir))
+    assert out.returncode == 0 and "verification: passed" in out.stdout
+    as_json = json.loads(cli("info", str(exports["pg1"].export_dir), "--json").stdout)
+    assert as_json["tokens"]["eos"] == [1]
+
+
+def test_errors_exit_2_with_message(tmp_path):
+    out = cli("run", str(tmp_path / "missing"), "--image", "x.png", "--prompt", "caption en")
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
