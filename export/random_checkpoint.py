@@ -104,6 +104,7 @@ class TinySpec:
     init_std: float = 0.2
     seed: int = 0
     extra_eos_ids: tuple[int, ...] = field(default=())
+    vocab_size: int | None = None  # > tokenizer size adds padding rows, like HF's 257216 vs 257152
 
 
 def build_tokenizer():
@@ -143,7 +144,7 @@ def build_tokenizer():
 def _config(tiny: TinySpec, tokenizer):
     from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
 
-    vocab_size = len(tokenizer)
+    vocab_size = tiny.vocab_size or len(tokenizer)
     vision = SiglipVisionConfig(
         hidden_size=tiny.vision_hidden,
         intermediate_size=tiny.vision_mlp,

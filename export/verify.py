@@ -30,9 +30,14 @@ class VerificationReport:
     max_abs_pixel_diff: float
     prompt_ids_agree: bool
 
+    dtype: str = "fp32"
+
     @property
     def passed(self) -> bool:
-        return self.tokens_agree and self.prompt_ids_agree and self.max_abs_logit_diff <= self.tolerance
+        """fp32 must reproduce transformers' greedy tokens; fp16 kernels round differently from
+        transformers' CPU fp16, so there only the teacher-forced logits are held to a tolerance."""
+        tokens_ok = self.tokens_agree or self.dtype != "fp32"
+        return tokens_ok and self.prompt_ids_agree and self.max_abs_logit_diff <= self.tolerance
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -80,6 +85,7 @@ def verify_export(
         tolerance=TOLERANCE[dtype] * max(1.0, scale),
         max_abs_pixel_diff=pixel_diff,
         prompt_ids_agree=prompt_ids_agree,
+        dtype=dtype,
     )
 
 
@@ -89,7 +95,7 @@ def raise_if_failed(report: VerificationReport) -> None:
     problems = []
     if not report.prompt_ids_agree:
         problems.append("prompt token ids differ from PaliGemmaProcessor's")
-    if not report.tokens_agree:
+    if not report.tokens_agree and report.dtype == "fp32":
         problems.append(f"greedy tokens differ: transformers {report.hf_tokens} vs ONNX {report.onnx_tokens}")
     if report.max_abs_logit_diff > report.tolerance:
         problems.append(f"max |Δlogit| {report.max_abs_logit_diff:.3g} exceeds {report.tolerance:.3g}")

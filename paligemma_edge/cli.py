@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a Hugging Face PaliGemma checkpoint to ONNX")
     export.add_argument("model", help="local checkpoint directory or hub id (e.g. google/paligemma-3b-mix-224)")
     export.add_argument("out_dir", type=Path)
-    export.add_argument("--dtype", choices=["fp32"], default="fp32")
+    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     export.add_argument("--no-verify", action="store_true", help="skip the check against transformers")
     export.add_argument("--json", action="store_true", help="print the manifest as JSON")
     export.set_defaults(func=_cmd_export)

@@ -16,8 +16,9 @@ VARIANTS = {
     "pg1": TinySpec(version=1, kv_heads=1, seed=1),
     # PaliGemma 1 with several KV heads (GQA) at 448 px (1024 image tokens)
     "pg1_gqa_448": TinySpec(version=1, kv_heads=2, image_size=448, seed=2),
-    # PaliGemma 2: softcaps, post-norms, GQA, and a sliding window shorter than the prefix
-    "pg2": TinySpec(version=2, kv_heads=2, sliding_window=24, seed=3),
+    # PaliGemma 2: softcaps, post-norms, GQA, a sliding window shorter than the prefix, and 64
+    # padding rows past the tokenizer's vocabulary (as HF's 257216 vs 257152)
+    "pg2": TinySpec(version=2, kv_heads=2, sliding_window=24, seed=3, vocab_size=1424 + 64),
 }
 
 

@@ -1,0 +1,68 @@
+"""Export outputs: manifest contents, graph interfaces, fp16, and the demo job."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+
+from paligemma_edge import PaliGemma
+from paligemma_edge.export.exporter import ExportSettings, export_model
+from paligemma_edge.runtime.manifest import load_manifest
+
+
+def test_manifest_records_what_the_runtime_needs(exports):
+    manifest = exports["pg2"].manifest
+    assert manifest["model_type"] == "paligemma2" and manifest["image_size"] == 224
+    assert manifest["num_image_tokens"] == 256
+    tokens = manifest["tokens"]
+    assert tokens["loc0"] + 1024 == tokens["seg0"] and tokens["seg0"] + 128 == tokens["image"]
+    assert tokens["eos"] == [1] and tokens["bos"] == 2 and tokens["pad"] == 0
+    text = manifest["text"]
+    assert (text["num_kv_heads"], text["head_dim"], text["sliding_window"]) == (2, 16, 24)
+    assert text["vocab_size"] == tokens["vocab_size"] + 64
+    assert set(manifest["files"]) == {
+        "vision.onnx",
+        "vision.onnx.data",
+        "decoder.onnx",
+        "decoder.onnx.data",
+        "tokenizer.json",
+    }
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+    assert {"transformers", "onnx", "torch", "onnxruntime"} <= set(manifest["versions"])
+
+
+def test_decoder_graph_is_dynamic_and_holds_the_table_once(exports):
+    export_dir = exports["pg1"].export_dir
+    model = onnx.load(str(export_dir / "decoder.onnx"), load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+    assert dims["input_ids"] == ["batch", "seq"]
+    assert dims["attention_mask"] == ["batch", 1, "seq", "total_seq"]
+    assert dims["past_key_values.0.key"] == ["batch", 1, "past_seq", 16]
+    vocab = exports["pg1"].manifest["text"]["vocab_size"]
+    tables = [i for i in model.graph.initializer if vocab in i.dims]
+    assert len(tables) == 1 and list(tables[0].dims) == [64, vocab]
+    users = [n.op_type for n in model.graph.node if tables[0].name in n.input]
+    assert sorted(users) == ["Gather", "MatMul"]
+
+
+def test_fp16_export_runs_within_tolerance(exports, tmp_path, images):
+    manifest = export_model(exports["pg1"].checkpoint, tmp_path / "fp16", ExportSettings(dtype="fp16"))
+    assert manifest["graphs"]["decoder"]["dtype"] == manifest["graphs"]["vision"]["dtype"] == "fp16"
+    assert manifest["verification"]["passed"]
+    model = PaliGemma.load(tmp_path / "fp16")
+    result = model.generate(images[0], "caption en", max_new_tokens=8)
+    logits = model.score(images[0], "caption en", result.token_ids)
+    assert np.isfinite(logits).all() and len(result.token_ids) >= 1
+    fp16_bytes = load_manifest(tmp_path / "fp16").data["files"]["decoder.onnx.data"]["bytes"]
+    assert fp16_bytes < 0.6 * exports["pg1"].manifest["files"]["decoder.onnx.data"]["bytes"]
+
+
+def test_demo_job(tmp_path, capsys):
+    from paligemma_edge.demo import run_demo
+
+    report = run_demo(tmp_path, as_json=True)
+    assert "RANDOM" in report["note"] and report["verification"]["passed"]
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["timings_s"]) >= {"export_and_verify_s", "load_s", "vision_encode_s", "caption_s"}
