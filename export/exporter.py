@@ -10,14 +10,16 @@ from tqdm.auto import tqdm
 
 from ..runtime import spec
 from ..runtime.errors import CheckpointError
-from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, checksum_files, write_manifest
+from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, checksum_files, load_manifest, sha256_file, write_manifest
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .graphs import OPSET, export_decoder, export_vision
+from .seg_decoder import write_mask_decoder
 from .verify import raise_if_failed, verify_export
 
 VISION_FILE = "vision.onnx"
 DECODER_FILE = "decoder.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+MASK_DECODER_FILE = "mask_decoder.onnx"
 
 
 @dataclass
@@ -26,6 +28,7 @@ class ExportSettings:
     verify: bool = True
     verify_prompt: str = "caption en"
     verify_steps: int = 16
+    seg_decoder: Path | None = None  # big_vision's vae-oid.npz → mask_decoder.onnx
 
 
 def _token_ids(tokenizer_path: Path, model) -> dict:
@@ -147,6 +150,8 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
     }
     manifest["files"] = checksum_files(out, files)
     write_manifest(out, manifest)
+    if settings.seg_decoder is not None:
+        manifest = attach_mask_decoder(out, settings.seg_decoder)
     bar.update()
 
     if settings.verify:
@@ -157,4 +162,21 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
         raise_if_failed(report)
         bar.update()
     bar.close()
+    return manifest
+
+
+def attach_mask_decoder(export_dir: str | Path, npz_path: str | Path) -> dict:
+    """Add big_vision's VQ-VAE mask decoder (vae-oid.npz) to an export as mask_decoder.onnx."""
+    export_dir, npz_path = Path(export_dir), Path(npz_path)
+    manifest = load_manifest(export_dir).data
+    write_mask_decoder(npz_path, export_dir / MASK_DECODER_FILE)
+    manifest["graphs"]["mask_decoder"] = {
+        "file": MASK_DECODER_FILE,
+        "dtype": "fp32",
+        "inputs": ["codes"],
+        "outputs": ["mask_logits"],
+        "source": {"file": npz_path.name, "sha256": sha256_file(npz_path)},
+    }
+    manifest["files"].update(checksum_files(export_dir, [MASK_DECODER_FILE]))
+    write_manifest(export_dir, manifest)
     return manifest

@@ -8,7 +8,7 @@ collapse to one repeated token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime import spec
@@ -82,6 +82,8 @@ _CORPUS_WORDS = [
 _WEIGHT_GAIN = 3.0  # ×1/sqrt(fan_in): blocks outweigh the residual token embedding
 _LOGIT_SPREAD = 2.0  # final-norm gain (1 + w) ≈ this
 _POST_NORM_GAIN = 5.0  # Gemma 2 post-attention / post-ffw norm gains
+_SCRIPT_EMBED_NORM = 3.0  # scripted checkpoints: norm of each script token's embedding
+_SCRIPT_GAIN = 30.0  # scripted checkpoints: MLP lookup gain, ≫ the residual embedding
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,6 @@ class TinySpec:
     sliding_window: int = 4096  # Gemma 2 only
     init_std: float = 0.2
     seed: int = 0
-    extra_eos_ids: tuple[int, ...] = field(default=())
     vocab_size: int | None = None  # > tokenizer size adds padding rows, like HF's 257216 vs 257152
 
 
@@ -155,7 +156,6 @@ def _config(tiny: TinySpec, tokenizer):
         vision_use_head=False,
         projection_dim=tiny.text_hidden,
     )
-    eos = tokenizer.eos_token_id
     text_kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=tiny.text_hidden,
@@ -166,7 +166,7 @@ def _config(tiny: TinySpec, tokenizer):
         head_dim=tiny.head_dim,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[eos, *tiny.extra_eos_ids] if tiny.extra_eos_ids else eos,
+        eos_token_id=tokenizer.eos_token_id,
         initializer_range=tiny.init_std,
     )
     if tiny.version == 1:
@@ -218,23 +218,71 @@ def _randomize(model, std: float, seed: int) -> None:
                 layer.post_feedforward_layernorm.weight.add_(_POST_NORM_GAIN - 1.0)  # embedding
 
 
-def make_tiny_checkpoint(out_dir: str | Path, tiny: TinySpec = TinySpec()) -> Path:
-    """Write a tiny random PaliGemma checkpoint (model + processor) with `save_pretrained`."""
+def _build(tiny: TinySpec):
+    """(randomised model in eval mode, tokenizer)."""
     import torch
-    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
+    from transformers import PaliGemmaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(tiny.seed)
+    model = PaliGemmaForConditionalGeneration(_config(tiny, tokenizer)).eval()
+    _randomize(model, tiny.init_std, tiny.seed)
+    return model, tokenizer
+
+
+def _save(model, tokenizer, tiny: TinySpec, out_dir: str | Path) -> Path:
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
 
     out = Path(out_dir)
-    tokenizer = build_tokenizer()
-    config = _config(tiny, tokenizer)
-    torch.manual_seed(tiny.seed)
-    model = PaliGemmaForConditionalGeneration(config).eval()
-    _randomize(model, tiny.init_std, tiny.seed)
     model.save_pretrained(out)
     num_image_tokens = (tiny.image_size // spec.PATCH_SIZE) ** 2
-    image_processor = SiglipImageProcessorPil(
-        size={"height": tiny.image_size, "width": tiny.image_size},
-        image_seq_length=num_image_tokens,
-    )
+    image_processor = SiglipImageProcessorPil(size={"height": tiny.image_size, "width": tiny.image_size})
     image_processor.image_seq_length = num_image_tokens
     PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
+
+
+def make_tiny_checkpoint(out_dir: str | Path, tiny: TinySpec = TinySpec()) -> Path:
+    """Write a tiny random PaliGemma checkpoint (model + processor) with `save_pretrained`."""
+    model, tokenizer = _build(tiny)
+    return _save(model, tokenizer, tiny, out_dir)
+
+
+def make_scripted_checkpoint(out_dir: str | Path, continuation: str, tiny: TinySpec = TinySpec()) -> Path:
+    """A tiny checkpoint whose greedy output is ``continuation`` then `<eos>`, whatever the image and prompt.
+
+    For end-to-end tests of output decoding (boxes, masks, drawings) that a random model cannot
+    produce. Attention is switched off (o_proj = 0) and layer 0's MLP becomes a lookup table that
+    maps each token to the next one: every chain token gets an orthonormal embedding direction, the
+    MLP's gate/up rows detect it and its down columns write the successor's direction.
+    """
+    import torch
+
+    model, tokenizer = _build(tiny)
+    chain = [tokenizer.convert_tokens_to_ids(spec.PROMPT_END)]
+    chain += tokenizer(continuation, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    hidden = tiny.text_hidden
+    if len(set(chain[:-1])) != len(chain) - 1 or len(chain) > min(hidden, tiny.text_mlp):
+        raise ValueError(f"a script needs distinct tokens, at most {min(hidden, tiny.text_mlp) - 1}: {chain}")
+    language_model = model.model.language_model
+    with torch.no_grad():
+        directions, _ = torch.linalg.qr(torch.randn(hidden, len(chain), generator=torch.Generator().manual_seed(0)))
+        table = language_model.embed_tokens.weight
+        table -= (table @ directions) @ directions.T  # other tokens: orthogonal to the script
+        table[chain] = directions.T * _SCRIPT_EMBED_NORM
+        for layer in language_model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                proj.weight.zero_()
+            for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm"):
+                if hasattr(layer, norm):
+                    getattr(layer, norm).weight.zero_()
+            if hasattr(layer, "post_feedforward_layernorm"):
+                layer.post_feedforward_layernorm.weight.fill_(_SCRIPT_GAIN)
+        mlp = language_model.layers[0].mlp
+        detector = directions.T[:-1] * (_SCRIPT_GAIN / hidden**0.5)  # unit i fires on token chain[i]
+        mlp.gate_proj.weight[: len(chain) - 1] = detector
+        mlp.up_proj.weight[: len(chain) - 1] = detector
+        mlp.down_proj.weight[:, : len(chain) - 1] = directions[:, 1:] * _SCRIPT_GAIN
+        language_model.norm.weight.zero_()
+    return _save(model, tokenizer, tiny, out_dir)

@@ -15,7 +15,7 @@ from .runtime.errors import PaliGemmaEdgeError
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export.exporter import ExportSettings, export_model
 
-    settings = ExportSettings(dtype=args.dtype, verify=not args.no_verify)
+    settings = ExportSettings(dtype=args.dtype, verify=not args.no_verify, seg_decoder=args.seg_decoder)
     manifest = export_model(args.model, args.out_dir, settings)
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -28,6 +28,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .runtime.draw import draw_objects
     from .runtime.model import PaliGemma
 
     timings = {}
@@ -40,29 +41,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = model.generate(features, args.prompt, max_new_tokens=args.max_new_tokens)
     timings["generate_s"] = time.perf_counter() - start
-    from .runtime.outputs import parse_output
-
-    parsed = parse_output(result.text, features.width, features.height)
+    parsed = model.objects_from(result, features, args.divisor, args.iou_threshold)
+    if args.draw:
+        draw_objects(args.image, parsed.objects, args.draw)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "prompt": args.prompt,
-                    "text": result.text,
-                    "token_ids": result.token_ids,
-                    "objects": [obj.to_dict() for obj in parsed.objects],
-                    "dropped": parsed.dropped,
-                    "image_size": [features.width, features.height],
-                    "timings": timings,
-                },
-                indent=2,
-            )
-        )
-    else:
-        print(result.text)
-        for obj in parsed.objects:
-            x0, y0, x1, y1 = obj.box
-            print(f"  {obj.label or '(no label)'}: x0={x0:.1f} y0={y0:.1f} x1={x1:.1f} y1={y1:.1f}")
+        report = {
+            "prompt": args.prompt,
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "image_size": [features.width, features.height],
+            "objects": [obj.to_dict() for obj in parsed.objects],
+            "leftover_text": parsed.text,
+            "dropped": parsed.dropped,
+            "notes": parsed.notes,
+            "timings": timings,
+        }
+        print(json.dumps(report, indent=2))
+        return 0
+    print(result.text)
+    for obj in parsed.objects:
+        x0, y0, x1, y1 = obj.box
+        score = "" if obj.score is None else f" score={obj.score:.3f}"
+        mask = "" if obj.mask is None else f" mask={int(obj.mask.sum())}px"
+        print(f"  {obj.label or '(no label)'}: x0={x0:.1f} y0={y0:.1f} x1={x1:.1f} y1={y1:.1f}{score}{mask}")
+    for line in parsed.dropped + parsed.notes:
+        print(f"  note: {line}", file=sys.stderr)
+    return 0
+
+
+def _cmd_attach_seg_decoder(args: argparse.Namespace) -> int:
+    from .export.exporter import attach_mask_decoder
+
+    attach_mask_decoder(args.export_dir, args.npz)
+    print(f"added mask_decoder.onnx to {args.export_dir}")
     return 0
 
 
@@ -90,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", type=Path)
     export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     export.add_argument("--no-verify", action="store_true", help="skip the check against transformers")
+    export.add_argument("--seg-decoder", type=Path, default=None, help="big_vision vae-oid.npz → mask_decoder.onnx")
     export.add_argument("--json", action="store_true", help="print the manifest as JSON")
     export.set_defaults(func=_cmd_export)
 
@@ -100,8 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=spec.DEFAULT_MAX_NEW_TOKENS)
     run.add_argument("--threads", type=int, default=None)
     run.add_argument("--no-verify-checksums", action="store_true", help="skip sha256 of the export's files")
+    run.add_argument("--divisor", type=float, default=spec.LOC_DIVISOR_HF, help="<loc> bin divisor: 1024 or 1023")
+    run.add_argument("--iou-threshold", type=float, default=None, help="per-label NMS of detected boxes")
+    run.add_argument("--draw", type=Path, default=None, help="write the image with boxes/masks to this PNG")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=_cmd_run)
+
+    attach = sub.add_parser("attach-seg-decoder", help="add the VQ-VAE mask decoder to an existing export")
+    attach.add_argument("export_dir", type=Path)
+    attach.add_argument("npz", type=Path, help="big_vision's vae-oid.npz")
+    attach.set_defaults(func=_cmd_attach_seg_decoder)
 
     info = sub.add_parser("info", help="summarise an export directory's manifest")
     info.add_argument("export_dir", type=Path)

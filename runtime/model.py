@@ -16,7 +16,8 @@ from .errors import CorruptExportError, GenerationError, ImageError, PromptError
 from .images import ImageInput, load_image, preprocess
 from .manifest import Manifest, load_manifest
 from .masks import make_attn_mask, positions_from_valid, restrict_to_window
-from .outputs import ParsedOutput, parse_output
+from .outputs import ParsedOutput, non_max_suppression, parse_output
+from .segmentation import HOW_TO_ADD, MaskDecoder, paste_mask
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -71,9 +72,15 @@ class PaliGemma:
     """A PaliGemma export, ready to caption, answer, read, detect and segment."""
 
     def __init__(
-        self, manifest: Manifest, vision: ort.InferenceSession, decoder: ort.InferenceSession, tokenizer: Tokenizer
+        self,
+        manifest: Manifest,
+        vision: ort.InferenceSession,
+        decoder: ort.InferenceSession,
+        tokenizer: Tokenizer,
+        mask_decoder: MaskDecoder | None = None,
     ):
         self.manifest = manifest
+        self.mask_decoder = mask_decoder
         self.vision = vision
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -108,7 +115,9 @@ class PaliGemma:
             tokenizer = Tokenizer.from_file(str(manifest.path(manifest.data["tokenizer"])))
         except Exception as error:
             raise CorruptExportError(f"Cannot read the tokenizer of {path}: {error}. Re-run the export.") from error
-        return cls(manifest, vision, decoder, tokenizer)
+        mask_graph = manifest.data["graphs"].get("mask_decoder")
+        mask_decoder = MaskDecoder.from_onnx(manifest.path(mask_graph["file"]), providers) if mask_graph else None
+        return cls(manifest, vision, decoder, tokenizer, mask_decoder)
 
     def _check_graphs(self) -> None:
         expected = set(self.manifest.graph("decoder")["inputs"])
@@ -317,9 +326,15 @@ class PaliGemma:
         labels: str | Sequence[str],
         max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
         divisor: float = spec.LOC_DIVISOR_HF,
+        iou_threshold: float | None = None,
     ) -> ParsedOutput:
-        """Boxes in pixels of the original image (x0, y0, x1, y1), one object per found instance."""
-        return self._localize(image, prompts.detect_prompt(labels), max_new_tokens, divisor)
+        """Boxes in pixels of the original image (x0, y0, x1, y1) with scores, one object per instance.
+
+        ``iou_threshold`` applies per-label non-maximum suppression.
+        """
+        features = self.encode_image(image)
+        result = self.generate(features, prompts.detect_prompt(labels), max_new_tokens)
+        return self.objects_from(result, features, divisor, iou_threshold)
 
     def segment(
         self,
@@ -327,14 +342,39 @@ class PaliGemma:
         labels: str | Sequence[str],
         max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
         divisor: float = spec.LOC_DIVISOR_HF,
+        iou_threshold: float | None = None,
+        soft_masks: bool = False,
     ) -> ParsedOutput:
-        """Boxes plus the 16 `<seg>` codes of each object (masks need a mask decoder)."""
-        return self._localize(image, prompts.segment_prompt(labels), max_new_tokens, divisor)
+        """Objects with boxes, scores, `<seg>` codes and ``.mask`` (H×W bool; float with ``soft_masks``).
 
-    def _localize(self, image, prompt: str, max_new_tokens: int, divisor: float) -> ParsedOutput:
+        Without a mask decoder in the export, masks stay None and ``.notes`` says how to add one.
+        """
         features = self.encode_image(image)
-        result = self.generate(features, prompt, max_new_tokens)
-        return parse_output(result.text, features.width, features.height, divisor)
+        result = self.generate(features, prompts.segment_prompt(labels), max_new_tokens)
+        return self.objects_from(result, features, divisor, iou_threshold, soft_masks)
+
+    def objects_from(
+        self,
+        result: GenerationResult,
+        features: ImageFeatures,
+        divisor: float = spec.LOC_DIVISOR_HF,
+        iou_threshold: float | None = None,
+        soft_masks: bool = False,
+    ) -> ParsedOutput:
+        """Parse a generation into scored objects (and masks where `<seg>` codes and a decoder exist)."""
+        loc_ids = range(self.tokens.loc0, self.tokens.loc0 + spec.NUM_LOC_TOKENS)
+        loc_logprobs = [lp for t, lp in zip(result.token_ids, result.token_logprobs) if t in loc_ids]
+        parsed = parse_output(result.text, features.width, features.height, divisor, loc_logprobs)
+        if iou_threshold is not None:
+            parsed.objects = non_max_suppression(parsed.objects, iou_threshold)
+        with_codes = [obj for obj in parsed.objects if obj.seg_codes is not None]
+        if with_codes and self.mask_decoder is None:
+            parsed.notes.append(HOW_TO_ADD)
+        elif with_codes:
+            logits = self.mask_decoder.decode(np.array([obj.seg_codes for obj in with_codes]))
+            for obj, mask_logits in zip(with_codes, logits):
+                obj.mask = paste_mask(mask_logits, obj.box, features.width, features.height, soft_masks)
+        return parsed
 
 
 def _is_batch(value) -> bool:

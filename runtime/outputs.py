@@ -8,10 +8,16 @@ aside and reported in ``ParsedOutput.dropped`` — the parser does not raise on 
 
 from __future__ import annotations
 
+import base64
+import io
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from . import spec
 
@@ -29,7 +35,9 @@ class DetectedObject:
     score: float | None = None
     mask: Any = None  # H×W bool (or float for soft masks) once a mask decoder ran
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, mask_format: str = "rle") -> dict[str, Any]:
+        """JSON-ready dict: pixel box, COCO ``bbox_xywh``, normalised box, score, codes, and the mask
+        as COCO uncompressed RLE (``mask_format="rle"``) or a base64 PNG (``"png"``)."""
         x0, y0, x1, y1 = self.box
         out: dict[str, Any] = {
             "label": self.label,
@@ -37,10 +45,12 @@ class DetectedObject:
             "box_normalized": list(self.box_normalized),
             "bbox_xywh": [x0, y0, x1 - x0, y1 - y0],
         }
-        if self.seg_codes is not None:
-            out["seg_codes"] = list(self.seg_codes)
         if self.score is not None:
             out["score"] = self.score
+        if self.seg_codes is not None:
+            out["seg_codes"] = list(self.seg_codes)
+        if self.mask is not None:
+            out["mask"] = mask_to_rle(self.mask) if mask_format == "rle" else {"png_base64": mask_to_png(self.mask)}
         return out
 
 
@@ -51,6 +61,32 @@ class ParsedOutput:
     objects: list[DetectedObject] = field(default_factory=list)
     text: str = ""
     dropped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self, mask_format: str = "rle") -> dict[str, Any]:
+        return {
+            "objects": [obj.to_dict(mask_format) for obj in self.objects],
+            "text": self.text,
+            "dropped": self.dropped,
+            "notes": self.notes,
+        }
+
+    def to_supervision(self):
+        """`supervision.Detections` (xyxy, confidence, class ids by label, masks), if supervision is installed."""
+        try:
+            import supervision as sv
+        except ImportError as error:
+            raise ImportError("to_supervision() needs the optional package: pip install supervision") from error
+        labels = sorted({obj.label for obj in self.objects})
+        has_masks = bool(self.objects) and all(obj.mask is not None for obj in self.objects)
+        has_scores = bool(self.objects) and all(obj.score is not None for obj in self.objects)
+        return sv.Detections(
+            xyxy=np.array([obj.box for obj in self.objects], dtype=np.float32).reshape(-1, 4),
+            mask=np.stack([np.asarray(obj.mask) > 0 for obj in self.objects]) if has_masks else None,
+            confidence=np.array([obj.score for obj in self.objects], np.float32) if has_scores else None,
+            class_id=np.array([labels.index(obj.label) for obj in self.objects], dtype=int),
+            data={"class_name": np.array([obj.label for obj in self.objects], dtype=object)},
+        )
 
     def __iter__(self) -> Iterator[DetectedObject]:
         return iter(self.objects)
@@ -67,6 +103,7 @@ class _Pending:
     locs: list[int] = field(default_factory=list)
     segs: list[int] = field(default_factory=list)
     label: list[str] = field(default_factory=list)
+    first_loc: int = 0  # index of this object's first <loc> among all of the text's
 
     @property
     def has_label(self) -> bool:
@@ -92,11 +129,19 @@ def _spans(text: str) -> list[tuple[str, Any]]:
     return spans
 
 
-def parse_output(text: str, width: float, height: float, divisor: float = spec.LOC_DIVISOR_HF) -> ParsedOutput:
+def parse_output(
+    text: str,
+    width: float,
+    height: float,
+    divisor: float = spec.LOC_DIVISOR_HF,
+    loc_logprobs: Sequence[float] | None = None,
+) -> ParsedOutput:
     """Parse a detect/segment output into pixel boxes for an image of ``width`` × ``height``.
 
     ``divisor`` maps a bin to [0, 1]: 1024 (default, as transformers' users and Google's HF Space
     do) or 1023 (big_vision's evaluator, the exact inverse of training's ``round(v·1023)``).
+    ``loc_logprobs`` — the log-probability of each ``<loc>`` token in order — gives every object a
+    score: the geometric mean of its four loc-token probabilities.
     """
     result = ParsedOutput()
     if not isinstance(text, str):
@@ -105,6 +150,12 @@ def parse_output(text: str, width: float, height: float, divisor: float = spec.L
     leftover: list[str] = []
     seen: set[tuple[Any, ...]] = set()
     current: _Pending | None = None
+    spans = _spans(text)
+    num_locs = sum(kind == "loc" for kind, _ in spans)
+    if loc_logprobs is not None and len(loc_logprobs) != num_locs:
+        result.dropped.append(f"scores: {len(loc_logprobs)} loc log-probs for {num_locs} <loc> tokens; not scored")
+        loc_logprobs = None
+    locs_seen = 0
 
     def finish(pending: _Pending | None) -> None:
         if pending is None:
@@ -113,6 +164,9 @@ def parse_output(text: str, width: float, height: float, divisor: float = spec.L
         obj = _make_object(pending, label, width, height, divisor, result.dropped)
         if obj is None:
             return
+        if loc_logprobs is not None:
+            first = pending.first_loc
+            obj.score = float(math.exp(sum(loc_logprobs[first : first + spec.LOC_TOKENS_PER_BOX]) / 4))
         key = (obj.label, obj.box_normalized, obj.seg_codes)
         if key in seen:
             result.dropped.append(f"duplicate object {obj.label!r} at {list(obj.box_normalized)}")
@@ -120,13 +174,14 @@ def parse_output(text: str, width: float, height: float, divisor: float = spec.L
         seen.add(key)
         result.objects.append(obj)
 
-    for kind, value in _spans(text):
+    for kind, value in spans:
         if kind == "loc":
             if current is not None and (current.segs or current.has_label or len(current.locs) == 4):
                 finish(current)
                 current = None
-            current = current or _Pending()
+            current = current or _Pending(first_loc=locs_seen)
             current.locs.append(value)
+            locs_seen += 1
         elif kind == "seg":
             if current is None:
                 result.dropped.append(f"<seg{value:03d}> outside an object")
@@ -168,3 +223,52 @@ def _make_object(
     normalized = (x0 / divisor, y0 / divisor, x1 / divisor, y1 / divisor)
     box = (normalized[0] * width, normalized[1] * height, normalized[2] * width, normalized[3] * height)
     return DetectedObject(label=label, box=box, box_normalized=normalized, seg_codes=codes)
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two x0,y0,x1,y1 boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def non_max_suppression(objects: list[DetectedObject], iou_threshold: float) -> list[DetectedObject]:
+    """Per label, keep the highest-scoring boxes and drop those overlapping a kept one above the threshold.
+
+    Objects without a score rank by their order in the output. The kept objects stay in output order.
+    """
+    ranked = sorted(range(len(objects)), key=lambda i: (-(objects[i].score or 0.0), i))
+    kept: list[int] = []
+    for i in ranked:
+        if all(
+            objects[k].label != objects[i].label or box_iou(objects[k].box, objects[i].box) <= iou_threshold
+            for k in kept
+        ):
+            kept.append(i)
+    return [objects[i] for i in sorted(kept)]
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO uncompressed RLE of a binary mask: column-major run lengths, starting with a run of 0s."""
+    flat = (np.asarray(mask) > 0).ravel(order="F")
+    boundaries = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], boundaries, [flat.size]])).tolist()
+    counts = [0, *runs] if flat.size and flat[0] else runs
+    return {"size": list(np.asarray(mask).shape), "counts": counts}
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    height, width = rle["size"]
+    values = np.repeat(np.arange(len(rle["counts"])) % 2, rle["counts"]).astype(bool)
+    return values[: height * width].reshape((height, width), order="F")
+
+
+def mask_to_png(mask: np.ndarray) -> str:
+    """Base64 PNG of a mask (binary → 0/255, soft → 0…255)."""
+    array = np.asarray(mask)
+    pixels = (array > 0) * 255 if array.dtype == bool else np.clip(array * 255, 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
