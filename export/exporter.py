@@ -13,6 +13,7 @@ from ..runtime.errors import CheckpointError
 from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, checksum_files, load_manifest, sha256_file, write_manifest
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .graphs import OPSET, export_decoder, export_vision
+from .random_checkpoint import RANDOM_MARKER
 from .seg_decoder import write_mask_decoder
 from .verify import raise_if_failed, verify_export
 
@@ -116,6 +117,7 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
         "format_version": FORMAT_VERSION,
         "model_type": "paligemma2" if text_config.model_type == "gemma2" else "paligemma",
         "source": str(model),
+        "random_weights": (checkpoint / RANDOM_MARKER).is_file(),
         "image_size": image_size,
         "num_image_tokens": (image_size // config.vision_config.patch_size) ** 2,
         "text": {

@@ -8,7 +8,8 @@ collapse to one repeated token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..runtime import spec
@@ -79,6 +80,7 @@ _CORPUS_WORDS = [
 ]
 
 
+RANDOM_MARKER = "paligemma_edge_random.json"  # lets exports and reports say "random weights"
 _WEIGHT_GAIN = 3.0  # ×1/sqrt(fan_in): blocks outweigh the residual token embedding
 _LOGIT_SPREAD = 2.0  # final-norm gain (1 + w) ≈ this
 _POST_NORM_GAIN = 5.0  # Gemma 2 post-attention / post-ffw norm gains
@@ -235,6 +237,7 @@ def _save(model, tokenizer, tiny: TinySpec, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     model.save_pretrained(out)
+    (out / RANDOM_MARKER).write_text(json.dumps({"random_weights": True, "spec": asdict(tiny)}, indent=2))
     num_image_tokens = (tiny.image_size // spec.PATCH_SIZE) ** 2
     image_processor = SiglipImageProcessorPil(size={"height": tiny.image_size, "width": tiny.image_size})
     image_processor.image_seq_length = num_image_tokens

@@ -12,11 +12,30 @@ from .runtime import spec
 from .runtime.errors import PaliGemmaEdgeError
 
 
+def _recipe(args: argparse.Namespace):
+    from .quant.recipes import get_recipe
+
+    return get_recipe(args.recipe).with_overrides(
+        vision=args.vision,
+        decoder=args.decoder,
+        lm_head=args.lm_head,
+        embeddings=args.embeddings,
+        block_size=args.block_size,
+        symmetric=False if args.asymmetric else None,
+        accuracy_level=args.accuracy_level,
+    )
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export.exporter import ExportSettings, export_model
 
     settings = ExportSettings(dtype=args.dtype, verify=not args.no_verify, seg_decoder=args.seg_decoder)
-    manifest = export_model(args.model, args.out_dir, settings)
+    if args.recipe:
+        from .quant.pipeline import export_quantized
+
+        manifest = export_quantized(args.model, args.out_dir, settings, _recipe(args))
+    else:
+        manifest = export_model(args.model, args.out_dir, settings)
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
@@ -77,6 +96,74 @@ def _cmd_attach_seg_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .quant.quantize import quantize_export
+    from .runtime.manifest import load_manifest
+
+    manifest = quantize_export(args.in_dir, args.out_dir, _recipe(args))
+    print(json.dumps(manifest, indent=2) if args.json else load_manifest(args.out_dir).summary())
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .quant.compare import (
+        DEFAULT_PROMPTS,
+        compare_exports,
+        default_images,
+        read_images,
+        read_prompts,
+        store_in_manifest,
+    )
+    from .runtime.model import PaliGemma
+
+    images = read_images(args.images) if args.images else default_images()
+    prompt_list = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+    if args.sweep:
+        import tempfile
+
+        from .quant.sweep import run_sweep, sweep_table
+
+        with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+            rows = run_sweep(args.ref_dir, Path(work), images, prompt_list, args.block_size or 32, not args.asymmetric)
+        print(json.dumps(rows, indent=2) if args.json else sweep_table(rows))
+        return 0
+    if args.quant_dir is None:
+        raise PaliGemmaEdgeError("compare needs QUANT_DIR (or --sweep).")
+    reference = PaliGemma.load(args.ref_dir, threads=args.threads)
+    candidate = PaliGemma.load(args.quant_dir, threads=args.threads)
+    report = compare_exports(reference, candidate, images, prompt_list)
+    store_in_manifest(report)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    from .quant.recipes import (
+        BLOCK_SIZES,
+        DECODER_PRECISIONS,
+        EMBEDDING_PRECISIONS,
+        LM_HEAD_PRECISIONS,
+        RECIPES,
+        VISION_PRECISIONS,
+    )
+
+    flag = "--recipe" if required else "--quant"
+    parser.add_argument(flag, dest="recipe", choices=list(RECIPES), required=required, help="quantization recipe")
+    parser.add_argument("--vision", choices=VISION_PRECISIONS, default=None, help="override the vision precision")
+    parser.add_argument("--decoder", choices=DECODER_PRECISIONS, default=None, help="override the decoder body")
+    parser.add_argument("--lm-head", choices=LM_HEAD_PRECISIONS, default=None, help="override the LM head")
+    parser.add_argument("--embeddings", choices=EMBEDDING_PRECISIONS, default=None, help="override the lookup table")
+    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None, help="MatMulNBits block (32)")
+    parser.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) MatMulNBits")
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 2, 3, 4],
+        default=None,
+        help="MatMulNBits compute type (4 = int8 activations, CPU default)",
+    )
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .runtime.manifest import load_manifest
 
@@ -103,7 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-verify", action="store_true", help="skip the check against transformers")
     export.add_argument("--seg-decoder", type=Path, default=None, help="big_vision vae-oid.npz → mask_decoder.onnx")
     export.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    _add_recipe_options(export, required=False)
     export.set_defaults(func=_cmd_export)
+
+    quantize = sub.add_parser("quantize", help="quantize an fp32 export (int8 / int4 / fp16 recipes)")
+    quantize.add_argument("in_dir", type=Path)
+    quantize.add_argument("out_dir", type=Path)
+    _add_recipe_options(quantize, required=True)
+    quantize.add_argument("--json", action="store_true")
+    quantize.set_defaults(func=_cmd_quantize)
+
+    compare = sub.add_parser("compare", help="what a quantized export costs against its reference")
+    compare.add_argument("ref_dir", type=Path)
+    compare.add_argument("quant_dir", type=Path, nargs="?", default=None)
+    compare.add_argument("--images", type=Path, default=None, help="a directory of images (default: bundled)")
+    compare.add_argument("--prompts", type=Path, default=None, help="a file, one prompt per line (default: tasks)")
+    compare.add_argument("--sweep", action="store_true", help="quantize one component at a time and compare each")
+    compare.add_argument("--work-dir", type=Path, default=None, help="scratch space for --sweep")
+    compare.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None)
+    compare.add_argument("--asymmetric", action="store_true")
+    compare.add_argument("--threads", type=int, default=None)
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(func=_cmd_compare)
 
     run = sub.add_parser("run", help="run one prompt on one image")
     run.add_argument("export_dir", type=Path)

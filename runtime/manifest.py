@@ -100,6 +100,19 @@ class Manifest:
             "graphs: " + ", ".join(f"{name} {g['file']} ({g['dtype']})" for name, g in data["graphs"].items()),
             "files: " + ", ".join(f"{k} {v['bytes'] / 1e6:.1f} MB" for k, v in data["files"].items()),
         ]
+        if "quantization" in data:
+            recipe = data["quantization"]["recipe"]
+            lines.append(
+                f"quantization: {recipe['name']} (vision {recipe['vision']}, decoder {recipe['decoder']}, "
+                f"LM head {recipe['lm_head']}, embeddings {recipe['embeddings']}, block {recipe['block_size']}, "
+                f"{'symmetric' if recipe['symmetric'] else 'asymmetric'})"
+            )
+        for reference, quality in data.get("quality", {}).items():
+            lines.append(
+                f"quality vs {reference}: top-1 {quality['top1_agreement']:.4f}, KL {quality['mean_kl']:.2e}, "
+                f"greedy exact {quality['greedy_exact_match']:.2f}"
+                + (" (random weights)" if quality["random_weights"] else "")
+            )
         if "verification" in data:
             v = data["verification"]
             lines.append(

@@ -110,7 +110,9 @@ class PaliGemma:
         manifest = load_manifest(path)
         manifest.verify_files(checksums=verify_checksums)
         vision = _session(manifest.path(manifest.graph("vision")["file"]), providers, threads, prepack=True)
-        decoder = _session(manifest.path(manifest.graph("decoder")["file"]), providers, threads, prepack=False)
+        decoder_graph = manifest.graph("decoder")
+        tied = decoder_graph.get("tied_table", True)  # quantized LM heads need prepacking, tied tables must avoid it
+        decoder = _session(manifest.path(decoder_graph["file"]), providers, threads, prepack=not tied)
         try:
             tokenizer = Tokenizer.from_file(str(manifest.path(manifest.data["tokenizer"])))
         except Exception as error:

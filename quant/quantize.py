@@ -1,0 +1,222 @@
+"""`paligemma-edge quantize IN OUT --recipe NAME`: quantize an export with onnxruntime's own tools.
+
+Per component: the vision graph (int8 via ``quantize_dynamic``, or fp16), the decoder body
+(int4 ``MatMulNBits`` / int8 dynamic / fp16), the LM head (a MatMul against the tied table:
+``MatMulNBits`` 4 or 8 bit, int8 dynamic, fp16) and the embedding lookup (fp32 / fp16 / int8
+rows with one scale per token). When the LM head is quantized the table is untied: the lookup gets
+its own compact [vocab, hidden] copy, the LM head keeps the quantized one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tqdm.auto import tqdm
+
+from ..runtime.manifest import checksum_files, load_manifest, write_manifest
+from .recipes import Recipe
+
+# fp16 recipe: ops that carry weights run in fp16 on fp16 weights; every other tensor stays fp32
+# (residual stream, norms, softmax, softcaps, masks, RoPE), so Gemma's large residual stream cannot
+# overflow fp16's 65504. onnxruntime's convert_float_to_float16 is not used: it routes the tensors
+# between blocked ops through fp16 casts, which defeats exactly this guard.
+FP16_OPS = {"MatMul": (0,), "Gemm": (0,), "Conv": (0,), "Gather": ()}  # op → activation inputs to cast
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+
+
+def _table_users(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto, onnx.TensorProto]:
+    """(embedding Gather, LM-head MatMul, the shared [hidden, vocab] table) of a decoder graph."""
+    inits = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[0] in inits:
+            users = [n for n in model.graph.node if node.input[0] in n.input and n is not node]
+            heads = [n for n in users if n.op_type == "MatMul"]
+            if len(heads) == 1:
+                return node, heads[0], inits[node.input[0]]
+    raise ValueError("decoder graph has no tied embedding table (Gather + MatMul on one initializer)")
+
+
+def untie_embeddings(model: onnx.ModelProto, precision: str) -> None:
+    """Give the embedding lookup its own [vocab, hidden] table in ``precision`` (fp32 / fp16 / int8 rows)."""
+    gather, _, table = _table_users(model)
+    rows = numpy_helper.to_array(table).T  # [vocab, hidden]
+    ids, out = gather.input[1], gather.output[0]
+    nodes, inits = [], []
+    if precision == "int8":
+        scale = np.maximum(np.abs(rows).max(axis=1, keepdims=True), 1e-12) / 127.0
+        quantized = np.clip(np.round(rows / scale), -127, 127).astype(np.int8)
+        inits += [
+            numpy_helper.from_array(quantized, "embed_rows.int8"),
+            numpy_helper.from_array(scale.astype(np.float32), "embed_rows.scale"),
+        ]
+        nodes += [
+            helper.make_node("Gather", ["embed_rows.int8", ids], ["embed.q"], axis=0),
+            helper.make_node("Gather", ["embed_rows.scale", ids], ["embed.s"], axis=0),
+            helper.make_node("Cast", ["embed.q"], ["embed.qf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["embed.qf", "embed.s"], ["embed.rows"]),
+        ]
+    else:
+        dtype = np.float16 if precision == "fp16" else np.float32
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(rows.astype(dtype)), f"embed_rows.{precision}"))
+        nodes.append(helper.make_node("Gather", [f"embed_rows.{precision}", ids], ["embed.raw"], axis=0))
+        cast_to = TensorProto.FLOAT16 if table.data_type == TensorProto.FLOAT16 else TensorProto.FLOAT
+        nodes.append(helper.make_node("Cast", ["embed.raw"], ["embed.rows"], to=cast_to))
+    nodes.append(helper.make_node("Transpose", ["embed.rows"], [out], perm=[1, 0]))  # as the old Gather(axis=1)
+    position = list(model.graph.node).index(gather)
+    model.graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(position + offset, node)
+    model.graph.initializer.extend(inits)
+
+
+def _matmul_nbits(
+    model: onnx.ModelProto, bits: int, recipe: Recipe, include: list[str] | None, exclude: list[str] | None
+) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=recipe.block_size,
+        is_symmetric=recipe.symmetric,
+        accuracy_level=recipe.accuracy_level,
+        nodes_to_include=include,
+        nodes_to_exclude=exclude,
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _dynamic_int8(model: onnx.ModelProto, include: list[str] | None, exclude: list[str] | None) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        _save(model, source)
+        quantize_dynamic(
+            source,
+            target,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=include,
+            nodes_to_exclude=exclude,
+            use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        return onnx.load(str(target))
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and weight-bearing ops, with Cast nodes around them; graph I/O and all else fp32."""
+    inits = {init.name: init for init in model.graph.initializer}
+    halved: set[str] = set()
+    casts: dict[str, str] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        weights = [n for n in node.input if n in halved or (n in inits and inits[n].data_type == TensorProto.FLOAT)]
+        if node.op_type not in FP16_OPS or not weights:
+            nodes.append(node)
+            continue
+        for name in weights:
+            if name not in halved:
+                inits[name].CopyFrom(
+                    numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16), name)
+                )
+                halved.add(name)
+        for index in FP16_OPS[node.op_type]:
+            source = node.input[index]
+            if source not in casts:
+                casts[source] = f"{source}.fp16"
+                nodes.append(helper.make_node("Cast", [source], [casts[source]], to=TensorProto.FLOAT16))
+            node.input[index] = casts[source]
+        output = node.output[0]
+        node.output[0] = f"{output}.fp16"
+        nodes += [node, helper.make_node("Cast", [node.output[0]], [output], to=TensorProto.FLOAT)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def quantize_decoder(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
+    if recipe.decoder == "fp16":
+        return to_fp16(model)
+    _, head, _ = _table_users(model)
+    head_name = head.name or head.output[0]
+    if not head.name:
+        head.name = head_name
+    if not recipe.tied:
+        untie_embeddings(model, recipe.embeddings)
+    body_nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head_name]
+    if recipe.decoder == "int4":
+        model = _matmul_nbits(model, 4, recipe, include=None, exclude=[head_name])
+    elif recipe.decoder == "int8":
+        model = _dynamic_int8(model, include=body_nodes, exclude=[head_name])
+    if recipe.lm_head == "int4":
+        model = _matmul_nbits(model, 4, recipe, include=[head_name], exclude=None)
+    elif recipe.lm_head == "int8":
+        model = _matmul_nbits(model, 8, recipe, include=[head_name], exclude=None)
+    return model
+
+
+def quantize_vision(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
+    if recipe.vision == "int8":
+        return _dynamic_int8(model, include=None, exclude=None)
+    if recipe.vision == "fp16":
+        return to_fp16(model)
+    return model
+
+
+def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe) -> dict:
+    """Write a quantized copy of an fp32 export directory; returns its manifest."""
+    source = load_manifest(in_dir)
+    if any(graph.get("quantization") for graph in source.data["graphs"].values()) or "quantization" in source.data:
+        raise ValueError(f"{in_dir} is already quantized; quantize the fp32 export instead.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = dict(source.data)
+    graphs = {name: dict(graph) for name, graph in source.data["graphs"].items()}
+    steps = [("vision", quantize_vision, recipe.vision), ("decoder", quantize_decoder, recipe.decoder)]
+    for name, function, precision in tqdm(steps, desc=f"quantize {recipe.name}", unit="graph"):
+        file = graphs[name]["file"]
+        if precision == "fp32" and (name == "vision" or (recipe.tied and recipe.lm_head == "fp32")):
+            for suffix in ("", ".data"):
+                shutil.copyfile(source.path(file + suffix), out / (file + suffix))
+            continue
+        model = onnx.load(str(source.path(file)))
+        _save(function(model, recipe), out / file)
+        graphs[name]["dtype"] = precision
+    graphs["decoder"]["tied_table"] = recipe.tied
+    graphs["decoder"]["lm_head"] = recipe.lm_head
+    graphs["decoder"]["embeddings"] = recipe.embeddings
+    copied = [name for name in source.data["files"] if not name.startswith(("vision.onnx", "decoder.onnx"))]
+    for name in copied:
+        shutil.copyfile(source.path(name), out / name)
+    manifest["graphs"] = graphs
+    manifest["quantization"] = {"recipe": recipe.to_dict(), "source_export": str(in_dir)}
+    manifest.pop("verification", None)
+    files = ["vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data", *copied]
+    manifest["files"] = checksum_files(out, files)
+    manifest["quantization"]["bytes"] = {
+        "vision": manifest["files"]["vision.onnx"]["bytes"] + manifest["files"]["vision.onnx.data"]["bytes"],
+        "decoder": manifest["files"]["decoder.onnx"]["bytes"] + manifest["files"]["decoder.onnx.data"]["bytes"],
+    }
+    write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,69 @@
+"""Named quantization recipes: a precision per component, plus the int4 block settings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+VISION_PRECISIONS = ("fp32", "fp16", "int8")
+DECODER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+LM_HEAD_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+EMBEDDING_PRECISIONS = ("fp32", "fp16", "int8")
+BLOCK_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What each component becomes. ``decoder`` is the decoder body (every MatMul but the LM head)."""
+
+    name: str
+    vision: str = "fp32"
+    decoder: str = "fp32"
+    lm_head: str = "fp32"
+    embeddings: str = "fp32"
+    block_size: int = 32  # int4 / int8 MatMulNBits block along K
+    symmetric: bool = True
+    accuracy_level: int = 4  # MatMulNBits compute type on CPU: 4 = int8 activations
+
+    def __post_init__(self) -> None:
+        for field, allowed in (
+            ("vision", VISION_PRECISIONS),
+            ("decoder", DECODER_PRECISIONS),
+            ("lm_head", LM_HEAD_PRECISIONS),
+            ("embeddings", EMBEDDING_PRECISIONS),
+        ):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} precision must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        if "fp16" in (self.decoder, self.lm_head) and self.decoder != self.lm_head:
+            raise ValueError("fp16 applies to the whole decoder: set decoder and lm_head to fp16 together")
+
+    @property
+    def tied(self) -> bool:
+        """The LM head and the embedding lookup still share one table."""
+        return self.lm_head == self.embeddings and self.lm_head in ("fp32", "fp16")
+
+    def with_overrides(self, **overrides) -> Recipe:
+        given = {key: value for key, value in overrides.items() if value is not None}
+        if not given:
+            return self
+        return replace(self, name=f"{self.name}+custom", **given)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+RECIPES: dict[str, Recipe] = {
+    # dynamic int8 weights everywhere (onnxruntime.quantization.quantize_dynamic), int8 embedding rows
+    "int8": Recipe("int8", vision="int8", decoder="int8", lm_head="int8", embeddings="int8"),
+    # MatMulNBits 4-bit decoder body, 8-bit LM head, int8 vision, int8 embedding rows
+    "int4": Recipe("int4", vision="int8", decoder="int4", lm_head="int8", embeddings="int8"),
+    # GPUs: fp16 weights and activations; norms, softmax, residual adds and masks stay fp32
+    "fp16": Recipe("fp16", vision="fp16", decoder="fp16", lm_head="fp16", embeddings="fp16"),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
+    return RECIPES[name]

@@ -1,0 +1,71 @@
+"""`paligemma-edge compare REF --sweep`: quantize one component at a time and measure each one's cost.
+
+This is how the recipe defaults are chosen: which component tolerates which precision, and what
+each saves in bytes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..runtime.model import PaliGemma
+from .compare import compare_exports
+from .quantize import quantize_export
+from .recipes import Recipe
+
+SWEEP = (
+    ("vision", {"vision": "fp16"}),
+    ("vision", {"vision": "int8"}),
+    ("decoder body", {"decoder": "int8"}),
+    ("decoder body", {"decoder": "int4"}),
+    ("lm head", {"lm_head": "int8"}),
+    ("lm head", {"lm_head": "int4"}),
+    ("embeddings", {"embeddings": "fp16"}),
+    ("embeddings", {"embeddings": "int8"}),
+    ("decoder (all)", {"decoder": "fp16", "lm_head": "fp16", "embeddings": "fp16"}),
+)
+
+
+def run_sweep(
+    reference_dir: Path, work_dir: Path, images, prompt_list, block_size: int = 32, symmetric: bool = True
+) -> list[dict]:
+    reference = PaliGemma.load(reference_dir, verify_checksums=False)
+    ref_bytes = reference.manifest.data["files"]
+    rows = []
+    for component, precisions in SWEEP:
+        precision = next(iter(precisions.values()))
+        recipe = Recipe(f"{component}-{precision}", block_size=block_size, symmetric=symmetric, **precisions)
+        out = work_dir / recipe.name.replace(" ", "_").replace("(", "").replace(")", "")
+        manifest = quantize_export(reference_dir, out, recipe)
+        report = compare_exports(reference, PaliGemma.load(out, verify_checksums=False), images, prompt_list)
+        graph = "vision" if component == "vision" else "decoder"
+        before = ref_bytes[f"{graph}.onnx"]["bytes"] + ref_bytes[f"{graph}.onnx.data"]["bytes"]
+        after = manifest["quantization"]["bytes"][graph]
+        rows.append(
+            {
+                "component": component,
+                "precision": precision,
+                "graph": graph,
+                "bytes": after,
+                "size_ratio": after / before,
+                **report.summary(),
+            }
+        )
+        shutil.rmtree(out)
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'component':<14} {'prec':<5} {'graph MB':>9} {'×fp32':>6} {'top1':>6} {'KL':>9} {'cos':>7} "
+        f"{'greedy':>6} {'IoU':>5}"
+    ]
+    for r in rows:
+        iou = "" if r["detect_box_iou"] is None else f"{r['detect_box_iou']:.2f}"
+        lines.append(
+            f"{r['component']:<14} {r['precision']:<5} {r['bytes'] / 1e6:9.2f} {r['size_ratio']:6.3f} "
+            f"{r['top1_agreement']:6.3f} {r['mean_kl']:9.2e} {r['mean_cosine']:7.4f} "
+            f"{r['greedy_exact_match']:6.2f} {iou:>5}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""Quantization recipes, their graphs and sizes, and the quality report (on tiny checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from paligemma_edge import PaliGemma
+from paligemma_edge.export.exporter import ExportSettings, export_model
+from paligemma_edge.export.random_checkpoint import TinySpec, _build, _save
+from paligemma_edge.quant.compare import compare_exports, default_images, logit_metrics
+from paligemma_edge.quant.quantize import quantize_export
+from paligemma_edge.quant.recipes import RECIPES, Recipe, get_recipe
+from paligemma_edge.runtime.manifest import load_manifest
+
+
+def graph_ops(path) -> dict[str, int]:
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def graph_bytes(manifest: dict, graph: str) -> int:
+    return sum(manifest["files"][f"{graph}.onnx{suffix}"]["bytes"] for suffix in ("", ".data"))
+
+
+@pytest.fixture(scope="module")
+def quantized(exports, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    return {
+        name: quantize_export(exports["pg1"].export_dir, root / name, recipe) | {"dir": root / name}
+        for name, recipe in RECIPES.items()
+    }
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_loads_and_generates(quantized, name, images):
+    manifest = quantized[name]
+    assert manifest["quantization"]["recipe"]["name"] == name
+    model = PaliGemma.load(manifest["dir"])  # verifies the new checksums too
+    result = model.generate(images[0], "caption en", max_new_tokens=8)
+    assert 1 <= len(result.token_ids) <= 8
+    assert np.isfinite(model.score(images[0], "caption en", result.token_ids)).all()
+    assert model.detect(images[0], "car", max_new_tokens=8) is not None
+    recipe = get_recipe(name)
+    assert manifest["graphs"]["vision"]["dtype"] == recipe.vision
+    assert manifest["graphs"]["decoder"]["dtype"] == recipe.decoder
+
+
+def test_int4_graph_uses_matmulnbits(quantized, exports):
+    ops = graph_ops(quantized["int4"]["dir"] / "decoder.onnx")
+    fp32_matmuls_with_weights = 2 * 7 + 1  # 7 projections per layer + LM head
+    assert ops.get("MatMulNBits") == fp32_matmuls_with_weights
+    model = onnx.load(str(quantized["int4"]["dir"] / "decoder.onnx"), load_external_data=False)
+    bits = sorted(
+        next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"
+    )
+    assert bits == [4] * 14 + [8]  # body int4, LM head 8-bit
+    blocks = {
+        next(a.i for a in n.attribute if a.name == "block_size") for n in model.graph.node if n.op_type == "MatMulNBits"
+    }
+    assert blocks == {32}
+
+
+def test_int8_graphs_hold_integer_weights(quantized):
+    for graph in ("vision.onnx", "decoder.onnx"):
+        model = onnx.load(str(quantized["int8"]["dir"] / graph))
+        int8_weights = [
+            i
+            for i in model.graph.initializer
+            if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and np.prod(i.dims) >= 256
+        ]
+        assert int8_weights, graph
+        ops = graph_ops(quantized["int8"]["dir"] / graph)
+        assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) > 0
+        float_weights = [
+            i
+            for i in model.graph.initializer
+            if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) > 16
+        ]
+        assert not float_weights, [i.name for i in float_weights]
+
+
+def test_block_size_asymmetric_and_overrides(exports, tmp_path):
+    recipe = get_recipe("int4").with_overrides(block_size=64, symmetric=False, vision="fp32", lm_head="int4")
+    manifest = quantize_export(exports["pg2"].export_dir, tmp_path / "q", recipe)
+    model = onnx.load(str(tmp_path / "q" / "decoder.onnx"), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nbits} == {64}
+    assert all(len(n.input) >= 4 and n.input[3] for n in nbits)  # zero points: asymmetric
+    assert manifest["graphs"]["vision"]["dtype"] == "fp32"
+    PaliGemma.load(tmp_path / "q").generate(np.zeros((32, 32, 3), np.uint8), "ocr", max_new_tokens=4)
+    with pytest.raises(ValueError, match="block_size"):
+        get_recipe("int4").with_overrides(block_size=48)
+
+
+def test_int4_decoder_is_small_when_weights_dominate(tmp_path):
+    tiny = TinySpec(text_hidden=256, head_dim=64, text_mlp=2048, text_layers=4, seed=7)
+    from paligemma_edge.export.random_checkpoint import make_tiny_checkpoint
+
+    fp32 = export_model(make_tiny_checkpoint(tmp_path / "hf", tiny), tmp_path / "fp32", ExportSettings(verify=False))
+    int4 = quantize_export(tmp_path / "fp32", tmp_path / "int4", RECIPES["int4"])
+    int8 = quantize_export(tmp_path / "fp32", tmp_path / "int8", RECIPES["int8"])
+    ratio = graph_bytes(int4, "decoder") / graph_bytes(fp32, "decoder")
+    assert ratio <= 0.2, ratio
+    assert graph_bytes(int8, "decoder") / graph_bytes(fp32, "decoder") <= 0.3
+
+
+def test_fp16_guards_gemma_overflow(tmp_path, images):
+    """A residual stream beyond fp16's 65504 stays finite: only weight-bearing ops run in fp16."""
+    tiny = TinySpec(version=2, kv_heads=2, seed=5)
+    model, tokenizer = _build(tiny)
+    with torch.no_grad():  # post-norm gains of 3e4: block outputs pass 65504
+        for layer in model.model.language_model.layers:
+            layer.post_attention_layernorm.weight.add_(3e4)
+            layer.post_feedforward_layernorm.weight.add_(3e4)
+    export_model(_save(model, tokenizer, tiny, tmp_path / "hf"), tmp_path / "fp32")
+    quantize_export(tmp_path / "fp32", tmp_path / "fp16", RECIPES["fp16"])
+    reference, guarded = PaliGemma.load(tmp_path / "fp32"), PaliGemma.load(tmp_path / "fp16")
+    continuation = reference.generate(images[0], "caption en", max_new_tokens=12).token_ids
+    ref_logits = reference.score(images[0], "caption en", continuation)
+    fp16_logits = guarded.score(images[0], "caption en", continuation)
+    assert np.isfinite(fp16_logits).all()
+    agreement, kl, cosine = logit_metrics(ref_logits, fp16_logits)
+    assert agreement == 1.0 and kl < 1e-2 and cosine > 0.999
+    assert guarded.generate(images[0], "caption en", max_new_tokens=12).token_ids == continuation
+
+    # Structure: only weight-bearing ops see fp16 tensors; adds, norms, softmax, softcaps, masks stay fp32.
+    # (On CPU onnxruntime upcasts fp16 elementwise ops itself, so the guard matters on GPU providers.)
+    graph = onnx.load(str(tmp_path / "fp16" / "decoder.onnx")).graph
+    fp16 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    fp16 |= {o for n in graph.node for o in n.output if o.endswith(".fp16")}
+    exposed = [
+        n.op_type
+        for n in graph.node
+        if n.op_type not in ("MatMul", "Gather", "Cast") and any(i in fp16 for i in n.input)
+    ]
+    assert exposed == []
+    assert sum(n.op_type == "MatMul" and n.input[0] in fp16 for n in graph.node) == 2 * 7 + 1
+
+
+def test_report_of_a_model_against_itself(exports):
+    model = PaliGemma.load(exports["pg1"].export_dir)
+    report = compare_exports(model, model, default_images()[:1], ["caption en", "detect house ; car"])
+    summary = report.summary()
+    assert summary["top1_agreement"] == 1.0 and summary["greedy_exact_match"] == 1.0
+    assert summary["mean_kl"] == pytest.approx(0.0, abs=1e-9) and summary["mean_cosine"] == pytest.approx(1.0)
+    assert summary["random_weights"] is True and "RANDOM weights" in report.table()
+    detect = [c for c in report.cases if c.prompt.startswith("detect")][0]
+    assert detect.box_iou in (None, 1.0)
+
+
+def test_compare_cli_table_json_and_manifest(quantized, exports, tmp_path):
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(images_dir / "red.png")
+    (tmp_path / "prompts.txt").write_text("# one per line\ncaption en\ndetect car\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paligemma_edge.cli",
+            "compare",
+            str(exports["pg1"].export_dir),
+            str(quantized["int4"]["dir"]),
+            "--images",
+            str(images_dir),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [c["prompt"] for c in report["cases"]] == ["caption en", "detect car"]
+    summary = report["summary"]
+    assert 0.0 <= summary["top1_agreement"] <= 1.0 and summary["mean_kl"] >= 0.0
+    assert -1.0 <= summary["mean_cosine"] <= 1.0
+    stored = load_manifest(quantized["int4"]["dir"]).data["quality"]
+    assert stored[exports["pg1"].export_dir.name] == summary
+
+
+def test_sweep_reports_each_component(exports, tmp_path):
+    from paligemma_edge.quant.sweep import SWEEP, run_sweep
+
+    rows = run_sweep(exports["pg1"].export_dir, tmp_path, default_images()[:1], ["caption en"])
+    assert [(r["component"], r["precision"]) for r in rows] == [
+        (component, next(iter(p.values()))) for component, p in SWEEP
+    ]
+    by_key = {(r["component"], r["precision"]): r for r in rows}
+    assert by_key[("vision", "int8")]["size_ratio"] < 1.0 and by_key[("decoder body", "int4")]["size_ratio"] < 1.0
+    assert by_key[("decoder (all)", "fp16")]["top1_agreement"] == 1.0
+    assert all(0.0 <= r["top1_agreement"] <= 1.0 for r in rows)
+
+
+def test_export_with_quant_flag(exports, tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paligemma_edge.cli",
+            "export",
+            str(exports["pg1"].checkpoint),
+            str(tmp_path / "q"),
+            "--quant",
+            "int4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    manifest = load_manifest(tmp_path / "q").data
+    assert manifest["quantization"]["recipe"]["name"] == "int4"
+    assert manifest["source_verification"]["passed"] and "fp32" in manifest["quality"]
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # the fp32 scratch export is gone
+    PaliGemma.load(tmp_path / "q")
+
+
+def test_recipe_validation():
+    with pytest.raises(ValueError, match="embeddings"):
+        Recipe("x", embeddings="int4")
+    with pytest.raises(ValueError, match="fp16 applies to the whole decoder"):
+        Recipe("x", decoder="fp16", lm_head="int8")
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        get_recipe("int3")
