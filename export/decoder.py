@@ -45,6 +45,8 @@ class ExportableDecoder(nn.Module):
         embedding = language_model.get_input_embeddings()
         # One [hidden, vocab] table serves as embedding (Gather axis 1) and tied LM head (MatMul).
         self.table = nn.Parameter(embedding.weight.detach().t().contiguous(), requires_grad=False)
+        # transformers' embedding (and its tied LM head) now views the same storage: no second copy
+        embedding.weight.data = self.table.data.t()
 
     @property
     def has_sliding_layers(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 from .graphs import OPSET, export_decoder, export_vision
 from .random_checkpoint import RANDOM_MARKER
 from .seg_decoder import write_mask_decoder
-from .verify import raise_if_failed, verify_export
+from .verify import raise_if_failed, transformers_reference, verify_export
 
 VISION_FILE = "vision.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -91,79 +92,86 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
     out = Path(out_dir)
     steps = ["load checkpoint", "export vision", "export decoder", "tokenizer + manifest"]
     steps += ["verify against transformers"] if settings.verify else []
-    bar = tqdm(steps, desc="export", unit="step", leave=True)
-    bar.set_postfix_str(steps[0])
-    checkpoint = resolve_checkpoint(model)
-    hf_model, processor = load_checkpoint(checkpoint, settings.dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    config = hf_model.config
-    text_config = config.text_config
-    image_size = config.vision_config.image_size
-    bar.update()
-
-    bar.set_postfix_str(steps[1])
-    vision = export_vision(hf_model, image_size, out / VISION_FILE)
-    bar.update()
-    bar.set_postfix_str(steps[2])
-    decoder = export_decoder(hf_model, out / DECODER_FILE)
-    bar.update()
-
-    bar.set_postfix_str(steps[3])
-    tokenizer_path = _write_tokenizer(checkpoint, processor, out)
-    layer_types = list(getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers)
-    files = [VISION_FILE, VISION_FILE + ".data", DECODER_FILE, DECODER_FILE + ".data", TOKENIZER_FILE]
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "model_type": "paligemma2" if text_config.model_type == "gemma2" else "paligemma",
-        "source": str(model),
-        "random_weights": (checkpoint / RANDOM_MARKER).is_file(),
-        "image_size": image_size,
-        "num_image_tokens": (image_size // config.vision_config.patch_size) ** 2,
-        "text": {
-            "architecture": text_config.model_type,
-            "hidden_size": text_config.hidden_size,
-            "num_layers": text_config.num_hidden_layers,
-            "num_heads": text_config.num_attention_heads,
-            "num_kv_heads": text_config.num_key_value_heads,
-            "head_dim": text_config.head_dim,
-            "vocab_size": text_config.vocab_size,
-            "sliding_window": getattr(text_config, "sliding_window", None) if decoder["sliding"] else None,
-            "layer_types": layer_types,
-            "attn_logit_softcapping": getattr(text_config, "attn_logit_softcapping", None),
-            "final_logit_softcapping": getattr(text_config, "final_logit_softcapping", None),
-        },
-        "tokens": _token_ids(tokenizer_path, hf_model),
-        "tokenizer": TOKENIZER_FILE,
-        "graphs": {
-            "vision": {"file": VISION_FILE, "dtype": settings.dtype, **vision},
-            "decoder": {
-                "file": DECODER_FILE,
-                "dtype": settings.dtype,
-                "inputs": decoder["inputs"],
-                "outputs": decoder["outputs"],
-                "embedding": "tied: one [hidden, vocab] initializer, Gather(axis=1) for lookup, MatMul for logits",
-            },
-        },
-        "sliding_window_rule": (
-            "transformers: sliding layers see keys < window positions back; prefix pairs always see each other"
-        ),
-        "versions": _versions(),
-    }
-    manifest["files"] = checksum_files(out, files)
-    write_manifest(out, manifest)
-    if settings.seg_decoder is not None:
-        manifest = attach_mask_decoder(out, settings.seg_decoder)
-    bar.update()
-
-    if settings.verify:
-        bar.set_postfix_str(steps[4])
-        report = verify_export(hf_model, processor, out, settings.dtype, settings.verify_prompt, settings.verify_steps)
-        manifest["verification"] = report.to_dict()
-        write_manifest(out, manifest)  # the record stays even when verification fails
-        raise_if_failed(report)
+    with tqdm(steps, desc="export", unit="step") as bar:
+        bar.set_postfix_str(steps[0])
+        checkpoint = resolve_checkpoint(model)
+        hf_model, processor = load_checkpoint(checkpoint, settings.dtype)
+        out.mkdir(parents=True, exist_ok=True)
+        config = hf_model.config
+        text_config = config.text_config
+        image_size = config.vision_config.image_size
         bar.update()
-    bar.close()
+
+        reference = None
+        if settings.verify:  # computed now, so the torch model can be freed before onnxruntime runs
+            reference = transformers_reference(hf_model, processor, settings.verify_prompt, settings.verify_steps)
+
+        bar.set_postfix_str(steps[1])
+        vision = export_vision(hf_model, image_size, out / VISION_FILE)
+        bar.update()
+        bar.set_postfix_str(steps[2])
+        decoder = export_decoder(hf_model, out / DECODER_FILE)
+        bar.update()
+
+        bar.set_postfix_str(steps[3])
+        tokenizer_path = _write_tokenizer(checkpoint, processor, out)
+        layer_types = list(
+            getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+        )
+        files = [VISION_FILE, VISION_FILE + ".data", DECODER_FILE, DECODER_FILE + ".data", TOKENIZER_FILE]
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "model_type": "paligemma2" if text_config.model_type == "gemma2" else "paligemma",
+            "source": str(model),
+            "random_weights": (checkpoint / RANDOM_MARKER).is_file(),
+            "image_size": image_size,
+            "num_image_tokens": (image_size // config.vision_config.patch_size) ** 2,
+            "text": {
+                "architecture": text_config.model_type,
+                "hidden_size": text_config.hidden_size,
+                "num_layers": text_config.num_hidden_layers,
+                "num_heads": text_config.num_attention_heads,
+                "num_kv_heads": text_config.num_key_value_heads,
+                "head_dim": text_config.head_dim,
+                "vocab_size": text_config.vocab_size,
+                "sliding_window": getattr(text_config, "sliding_window", None) if decoder["sliding"] else None,
+                "layer_types": layer_types,
+                "attn_logit_softcapping": getattr(text_config, "attn_logit_softcapping", None),
+                "final_logit_softcapping": getattr(text_config, "final_logit_softcapping", None),
+            },
+            "tokens": _token_ids(tokenizer_path, hf_model),
+            "tokenizer": TOKENIZER_FILE,
+            "graphs": {
+                "vision": {"file": VISION_FILE, "dtype": settings.dtype, **vision},
+                "decoder": {
+                    "file": DECODER_FILE,
+                    "dtype": settings.dtype,
+                    "inputs": decoder["inputs"],
+                    "outputs": decoder["outputs"],
+                    "embedding": "tied: one [hidden, vocab] initializer, Gather(axis=1) for lookup, MatMul for logits",
+                },
+            },
+            "sliding_window_rule": (
+                "transformers: sliding layers see keys < window positions back; prefix pairs always see each other"
+            ),
+            "versions": _versions(),
+        }
+        manifest["files"] = checksum_files(out, files)
+        write_manifest(out, manifest)
+        if settings.seg_decoder is not None:
+            manifest = attach_mask_decoder(out, settings.seg_decoder)
+        bar.update()
+
+        del hf_model, processor
+        gc.collect()
+        if reference is not None:
+            bar.set_postfix_str(steps[4])
+            report = verify_export(reference, out, settings.dtype)
+            manifest["verification"] = report.to_dict()
+            write_manifest(out, manifest)  # the record stays even when verification fails
+            raise_if_failed(report)
+            bar.update()
     return manifest
 
 

@@ -15,69 +15,12 @@ from pathlib import Path
 from ..runtime import spec
 
 # Words the synthetic BPE is trained on; enough variety that greedy output is readable text.
-_CORPUS_WORDS = [
-    "a",
-    "the",
-    "cat",
-    "dog",
-    "on",
-    "in",
-    "of",
-    "and",
-    "with",
-    "red",
-    "blue",
-    "green",
-    "small",
-    "large",
-    "sitting",
-    "standing",
-    "near",
-    "car",
-    "tree",
-    "house",
-    "sky",
-    "person",
-    "two",
-    "three",
-    "white",
-    "black",
-    "man",
-    "woman",
-    "table",
-    "street",
-    "water",
-    "grass",
-    "image",
-    "photo",
-    "picture",
-    "shows",
-    "there",
-    "is",
-    "are",
-    "left",
-    "right",
-    "top",
-    "bottom",
-    "answer",
-    "caption",
-    "describe",
-    "detect",
-    "segment",
-    "ocr",
-    "question",
-    "en",
-    "fr",
-    "de",
-    "what",
-    "where",
-    "how",
-    "many",
-    "colour",
-    "color",
-    "yes",
-    "no",
-]
+_CORPUS_WORDS = (  # noqa: SIM905 — a readable word list
+    "a the cat dog on in of and with red blue green small large sitting standing near car tree house sky "
+    "person two three white black man woman table street water grass image photo picture shows there is "
+    "are left right top bottom answer caption describe detect segment ocr question en fr de what where how "
+    "many colour color yes no"
+).split()
 
 
 RANDOM_MARKER = "paligemma_edge_random.json"  # lets exports and reports say "random weights"
@@ -110,7 +53,7 @@ class TinySpec:
     vocab_size: int | None = None  # > tokenizer size adds padding rows, like HF's 257216 vs 257152
 
 
-def build_tokenizer():
+def build_tokenizer(base_vocab_size: int | None = None):
     """A Gemma-like fast tokenizer: BPE over '▁'-marked words, "\\n" a normal piece, the
     PaliGemma special tokens at the end of the vocabulary and a `<bos>` post-processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -127,6 +70,20 @@ def build_tokenizer():
     )
     lines = [" ".join(_CORPUS_WORDS[i:] + _CORPUS_WORDS[:i]) for i in range(len(_CORPUS_WORDS))]
     tokenizer.train_from_iterator(lines, trainer)
+    if base_vocab_size is not None:  # the real id layout: unreachable filler pieces up to 256000
+        vocab = tokenizer.get_vocab()
+        vocab.update({f"<unused{i}>": i for i in range(len(vocab), base_vocab_size)})
+        merges = json.loads(tokenizer.to_str())["model"]["merges"]
+        pre_tokenizer, decoder = tokenizer.pre_tokenizer, tokenizer.decoder
+        tokenizer = Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges],
+                unk_token="<unk>",
+            )
+        )
+        tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizer, decoder
+        tokenizer.add_special_tokens([spec.PAD_TOKEN, spec.EOS_TOKEN, spec.BOS_TOKEN, "<unk>"])
     tokenizer.add_tokens([spec.loc_token(i) for i in range(spec.NUM_LOC_TOKENS)])
     tokenizer.add_tokens([spec.seg_token(i) for i in range(spec.NUM_SEG_TOKENS)])
     tokenizer.add_special_tokens([spec.IMAGE_TOKEN])

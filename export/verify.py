@@ -47,44 +47,60 @@ def demo_image_path() -> Path:
     return Path(__file__).resolve().parent.parent / "runtime" / spec.DEMO_IMAGE
 
 
-def verify_export(
-    hf_model,
-    processor,
-    export_dir: Path,
-    dtype: str = "fp32",
-    prompt: str = "caption en",
-    steps: int = 16,
-    image_path: Path | None = None,
-) -> VerificationReport:
-    """Greedy tokens for ``steps`` steps must agree and teacher-forced logits stay within tolerance."""
+@dataclass
+class Reference:
+    """What transformers computed: taken before the export so the torch model can be freed first."""
+
+    image: object
+    prompt: str
+    steps: int
+    pixel_values: np.ndarray
+    prompt_ids: list[int]
+    tokens: list[int]  # greedy, up to `steps`, eos included if reached
+    logits: np.ndarray  # [len(tokens), vocab]
+
+
+def transformers_reference(
+    hf_model, processor, prompt: str = "caption en", steps: int = 16, image_path: Path | None = None
+) -> Reference:
     image = load_image(image_path or demo_image_path())
-    runtime = PaliGemma.load(export_dir, verify_checksums=False)
     inputs = processor(images=image, text=spec.IMAGE_TOKEN + prompt, return_tensors="pt")
-    pixel_diff = float(np.abs(preprocess(image, runtime.manifest.image_size) - inputs["pixel_values"][0].numpy()).max())
-    prompt_ids_agree = runtime.prompt_ids(prompt) == inputs["input_ids"][0].tolist()
     with torch.no_grad():
         out = hf_model.generate(
             **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
-    hf_tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    hf_logits = torch.cat(out.logits).float().numpy()  # [generated, vocab]
-    onnx_tokens = runtime.generate(image, prompt, max_new_tokens=steps).token_ids
-    eos = set(runtime.tokens.eos)
-    hf_cut = next((i for i, t in enumerate(hf_tokens) if t in eos), len(hf_tokens))
-    onnx_logits = runtime.score(image, prompt, hf_tokens[:-1])
-    diff = float(np.abs(onnx_logits - hf_logits).max())
-    scale = float(np.abs(hf_logits).max())
-    return VerificationReport(
+    return Reference(
+        image=image,
         prompt=prompt,
         steps=steps,
-        tokens_agree=onnx_tokens == hf_tokens[:hf_cut],
-        hf_tokens=hf_tokens[:hf_cut],
+        pixel_values=inputs["pixel_values"][0].float().numpy(),
+        prompt_ids=inputs["input_ids"][0].tolist(),
+        tokens=out.sequences[0, inputs["input_ids"].shape[1] :].tolist(),
+        logits=torch.cat(out.logits).float().numpy(),
+    )
+
+
+def verify_export(reference: Reference, export_dir: Path, dtype: str = "fp32") -> VerificationReport:
+    """Greedy tokens for ``steps`` steps must agree and teacher-forced logits stay within tolerance."""
+    runtime = PaliGemma.load(export_dir, verify_checksums=False)
+    image, prompt = reference.image, reference.prompt
+    pixel_diff = float(np.abs(preprocess(image, runtime.manifest.image_size) - reference.pixel_values).max())
+    onnx_tokens = runtime.generate(image, prompt, max_new_tokens=reference.steps).token_ids
+    eos = set(runtime.tokens.eos)
+    hf_cut = next((i for i, t in enumerate(reference.tokens) if t in eos), len(reference.tokens))
+    onnx_logits = runtime.score(image, prompt, reference.tokens[:-1])
+    scale = float(np.abs(reference.logits).max())
+    return VerificationReport(
+        prompt=prompt,
+        steps=reference.steps,
+        tokens_agree=onnx_tokens == reference.tokens[:hf_cut],
+        hf_tokens=reference.tokens[:hf_cut],
         onnx_tokens=onnx_tokens,
-        max_abs_logit_diff=diff,
+        max_abs_logit_diff=float(np.abs(onnx_logits - reference.logits).max()),
         max_abs_logit=scale,
         tolerance=TOLERANCE[dtype] * max(1.0, scale),
         max_abs_pixel_diff=pixel_diff,
-        prompt_ids_agree=prompt_ids_agree,
+        prompt_ids_agree=runtime.prompt_ids(prompt) == reference.prompt_ids,
         dtype=dtype,
     )
 
