@@ -130,6 +130,7 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
             "text": {
                 "architecture": text_config.model_type,
                 "hidden_size": text_config.hidden_size,
+                "intermediate_size": text_config.intermediate_size,
                 "num_layers": text_config.num_hidden_layers,
                 "num_heads": text_config.num_attention_heads,
                 "num_kv_heads": text_config.num_key_value_heads,
@@ -139,6 +140,13 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
                 "layer_types": layer_types,
                 "attn_logit_softcapping": getattr(text_config, "attn_logit_softcapping", None),
                 "final_logit_softcapping": getattr(text_config, "final_logit_softcapping", None),
+            },
+            "vision": {
+                "hidden_size": config.vision_config.hidden_size,
+                "intermediate_size": config.vision_config.intermediate_size,
+                "num_layers": config.vision_config.num_hidden_layers,
+                "num_heads": config.vision_config.num_attention_heads,
+                "patch_size": config.vision_config.patch_size,
             },
             "tokens": _token_ids(tokenizer_path, hf_model),
             "tokenizer": TOKENIZER_FILE,

@@ -33,6 +33,10 @@ class Preset:
     heads: int
     kv_heads: int
     head_dim: int = 256
+    vision_hidden: int = 1152  # SigLIP So400m/14
+    vision_layers: int = 27
+    vision_mlp: int = 4304
+    vision_heads: int = 16
 
 
 _PG1 = dict(version=1, hidden=2048, layers=18, mlp=16384, heads=8, kv_heads=1)
@@ -48,10 +52,10 @@ def _config(preset: Preset, tokenizer):
     from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_hidden_layers=27,
-        num_attention_heads=16,
+        hidden_size=preset.vision_hidden,
+        intermediate_size=preset.vision_mlp,
+        num_hidden_layers=preset.vision_layers,
+        num_attention_heads=preset.vision_heads,
         patch_size=spec.PATCH_SIZE,
         image_size=preset.image_size,
         vision_use_head=False,
@@ -96,22 +100,30 @@ def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
         is_vision_norm = "vision" in name and "norm" in name and name.endswith("weight")
         return np.ones(shape, np.float32) if is_vision_norm else np.zeros(shape, np.float32)
     if "embed_tokens" in name:
-        return rng.standard_normal(shape, dtype=np.float32) * 0.03
-    if "position_embedding" in name:
-        return rng.standard_normal(shape, dtype=np.float32) * 0.02
-    fan_in = int(np.prod(shape[1:]))
-    return rng.standard_normal(shape, dtype=np.float32) * (1.0 / fan_in**0.5)
+        scale = 0.03
+    elif "position_embedding" in name:
+        scale = 0.02
+    else:
+        scale = 1.0 / int(np.prod(shape[1:])) ** 0.5
+    tensor = rng.standard_normal(shape, dtype=np.float32)
+    tensor *= scale  # in place: one tensor-sized buffer
+    return tensor
 
 
-def make_full_size_checkpoint(preset_name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write config, processor, tokenizer and sharded safetensors for ``preset_name``."""
+def make_full_size_checkpoint(
+    preset_name: str | Preset, out_dir: str | Path, seed: int = 0, shard_bytes: int = SHARD_BYTES
+) -> Path:
+    """Write config, processor, tokenizer and sharded safetensors for a preset (a name or a Preset)."""
     import torch
     from safetensors.numpy import save_file
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
 
-    if preset_name not in PRESETS:
+    if isinstance(preset_name, Preset):
+        preset, preset_name = preset_name, "custom"
+    elif preset_name in PRESETS:
+        preset = PRESETS[preset_name]
+    else:
         raise ValueError(f"Unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}.")
-    preset = PRESETS[preset_name]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(BASE_VOCAB)
@@ -121,25 +133,25 @@ def make_full_size_checkpoint(preset_name: str, out_dir: str | Path, seed: int =
     shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items() if name != "lm_head.weight"}
     rng = np.random.default_rng(seed)
     total = sum(int(np.prod(s)) * 4 for s in shapes.values())
-    num_shards = -(-total // SHARD_BYTES)
+    num_shards = -(-total // shard_bytes)
     weight_map: dict[str, str] = {}
     shard: dict[str, np.ndarray] = {}
-    shard_bytes, index = 0, 1
+    current_bytes, index = 0, 1
 
     def flush() -> None:
-        nonlocal shard, shard_bytes, index
+        nonlocal shard, current_bytes, index
         file = f"model-{index:05d}-of-{num_shards:05d}.safetensors"
         save_file(shard, str(out / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
-        shard, shard_bytes, index = {}, 0, index + 1
+        shard, current_bytes, index = {}, 0, index + 1
 
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"random {preset_name}") as bar:
         for name, shape in shapes.items():
             tensor = _draw(name, shape, rng)
-            if shard and shard_bytes + tensor.nbytes > SHARD_BYTES:
+            if shard and current_bytes + tensor.nbytes > shard_bytes:
                 flush()
             shard[name] = tensor
-            shard_bytes += tensor.nbytes
+            current_bytes += tensor.nbytes
             bar.update(tensor.nbytes)
         flush()
     # the last shard name may overcount if the estimate rounded up; rename to the real count

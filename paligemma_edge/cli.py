@@ -164,6 +164,35 @@ def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None
     )
 
 
+def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    from .export.full_size import make_full_size_checkpoint
+
+    print(make_full_size_checkpoint(args.preset, args.out_dir, args.seed))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarks.bench import plot, run_bench, table
+    from .export.verify import demo_image_path
+
+    report = run_bench(
+        args.export_dirs,
+        args.image or demo_image_path(),
+        args.prompt,
+        args.new_tokens,
+        args.repeat,
+        args.threads,
+        args.baseline_hf,
+        tuple(args.hf_dtypes.split(",")) if args.hf_dtypes else (),
+    )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    print(table(report))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .runtime.manifest import load_manifest
 
@@ -230,6 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("export_dir", type=Path)
     attach.add_argument("npz", type=Path, help="big_vision's vae-oid.npz")
     attach.set_defaults(func=_cmd_attach_seg_decoder)
+
+    from .export.full_size import PRESETS
+
+    random_ckpt = sub.add_parser("random-checkpoint", help="a full-size RANDOM checkpoint (real shapes) for benchmarks")
+    random_ckpt.add_argument("--preset", choices=list(PRESETS), required=True)
+    random_ckpt.add_argument("out_dir", type=Path)
+    random_ckpt.add_argument("--seed", type=int, default=0)
+    random_ckpt.set_defaults(func=_cmd_random_checkpoint)
+
+    bench = sub.add_parser("bench", help="latency, memory and roofline per export, against transformers")
+    bench.add_argument("export_dirs", type=Path, nargs="+")
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--repeat", type=int, default=3)
+    bench.add_argument("--prompt", default="caption en")
+    bench.add_argument("--image", type=Path, default=None, help="default: the bundled demo image")
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--baseline-hf", type=Path, default=None, help="the HF checkpoint the exports came from")
+    bench.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers baselines to run (comma-separated)")
+    bench.add_argument("--json", type=Path, default=None, help="write the full report here")
+    bench.add_argument("--plot", type=Path, default=None, help="write a PNG chart here")
+    bench.set_defaults(func=_cmd_bench)
 
     info = sub.add_parser("info", help="summarise an export directory's manifest")
     info.add_argument("export_dir", type=Path)

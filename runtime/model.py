@@ -211,9 +211,10 @@ class PaliGemma:
         return logits, seq, cache
 
     def _greedy(
-        self, features: list[ImageFeatures], prompt_list: list[str], max_new_tokens: int
+        self, features: list[ImageFeatures], prompt_list: list[str], max_new_tokens: int, stop_at_eos: bool = True
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (next token ids [B], their log-probs [B]) per step; stops when every row hit eos."""
+        """Yield (next token ids [B], their log-probs [B]) per step; stops when every row hit eos
+        (``stop_at_eos=False``: always ``max_new_tokens`` steps, as benchmarks need)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
         ids = [self.prompt_ids(p) for p in prompt_list]
@@ -230,7 +231,7 @@ class PaliGemma:
             logsumexp = top + np.log(np.exp(step_logits - top[:, None]).sum(axis=-1))
             yield next_ids, top - logsumexp
             finished |= np.isin(next_ids, eos)
-            if finished.all() or step == max_new_tokens - 1:
+            if (stop_at_eos and finished.all()) or step == max_new_tokens - 1:
                 return
             seq.extend(np.ones((batch, 1), np.int32), np.ones((batch, 1), bool))
             logits = self._run_decoder(next_ids[:, None], step_embeds, seq, cache, last_position)

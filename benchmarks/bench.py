@@ -1,0 +1,195 @@
+"""`paligemma-edge bench DIR [DIR …]`: latency, memory and roofline per export, against transformers.
+
+Each target runs in its own subprocess (benchmarks/worker.py) so its peak RSS is its own; timings
+are medians over ``repeat`` runs after one warm-up; EOS is ignored so every run decodes exactly
+``new_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+
+from ..runtime.manifest import load_manifest
+from .machine import machine_info, roofline
+
+KV_BYTES_PER_VALUE = 4  # the runtime keeps the cache in fp32
+
+
+def _weight_bytes(graph_path: Path) -> int:
+    """Bytes of the initializers a decode step reads (the embedding lookup's own rows excluded)."""
+    model = onnx.load(str(graph_path), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        if init.name.startswith("embed_rows"):
+            continue
+        external = {entry.key: entry.value for entry in init.external_data}
+        total += int(external["length"]) if "length" in external else len(init.raw_data)
+    return total
+
+
+def model_costs(manifest: dict) -> dict:
+    """Analytic parameter counts and FLOPs of the vision tower and the decoder body."""
+    text, vision = manifest["text"], manifest["vision"]
+    hidden, heads, kv_heads, head_dim = text["hidden_size"], text["num_heads"], text["num_kv_heads"], text["head_dim"]
+    body = text["num_layers"] * (
+        hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * text["intermediate_size"]
+    )
+    v_hidden = vision["hidden_size"]
+    patches = manifest["num_image_tokens"]
+    vision_params = (
+        vision["num_layers"] * (4 * v_hidden**2 + 2 * v_hidden * vision["intermediate_size"])
+        + 3 * vision["patch_size"] ** 2 * v_hidden
+        + v_hidden * hidden
+    )
+    vision_flops = 2 * vision_params * patches + 4 * vision["num_layers"] * patches**2 * v_hidden
+    return {
+        "body_params": body,
+        "vision_params": vision_params,
+        "vision_flops": vision_flops,
+        "kv_values_per_token": 2 * text["num_layers"] * kv_heads * head_dim,
+    }
+
+
+def prefill_flops(manifest: dict, costs: dict, tokens: int) -> float:
+    text = manifest["text"]
+    attention = 4 * text["num_layers"] * tokens**2 * text["num_heads"] * text["head_dim"]
+    return 2 * costs["body_params"] * tokens + attention + 2 * text["hidden_size"] * text["vocab_size"]
+
+
+def _run_worker(args: list[str]) -> dict:
+    command = [sys.executable, "-m", "paligemma_edge.benchmarks.worker", *map(str, args)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed ({' '.join(command)}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_export(
+    export_dir: Path, image: Path, prompt: str, new_tokens: int, repeat: int, threads: int | None, machine: dict
+) -> dict:
+    manifest = load_manifest(export_dir).data
+    result = _run_worker(["onnx", export_dir, image, prompt, new_tokens, repeat, threads or 0])
+    costs = model_costs(manifest)
+    weights = _weight_bytes(export_dir / manifest["graphs"]["decoder"]["file"])
+    mean_context = result["context_tokens"] - new_tokens / 2
+    kv_bytes = costs["kv_values_per_token"] * mean_context * KV_BYTES_PER_VALUE
+    decode_limit = machine["bandwidth_gbs"] * 1e9 / (weights + kv_bytes)
+    prompt_tokens = result["context_tokens"] - new_tokens
+    gflops = machine["matmul_gflops"] * 1e9
+    result.update(
+        target=str(export_dir),
+        backend="onnxruntime",
+        precision=(manifest.get("quantization") or {})
+        .get("recipe", {})
+        .get("name", manifest["graphs"]["decoder"]["dtype"]),
+        image_size=manifest["image_size"],
+        model_type=manifest["model_type"],
+        bytes_on_disk=sum(entry["bytes"] for entry in manifest["files"].values()),
+        roofline={
+            "decode_bytes_per_token": weights + kv_bytes,
+            "decode_tok_s_limit": decode_limit,
+            "decode_fraction": result["decode_tok_s"] / decode_limit,
+            "vision_s_limit": costs["vision_flops"] / gflops,
+            "vision_fraction": costs["vision_flops"] / gflops / result["vision_s"],
+            "prefill_s_limit": prefill_flops(manifest, costs, prompt_tokens) / gflops,
+            "prefill_fraction": prefill_flops(manifest, costs, prompt_tokens) / gflops / result["prefill_s"],
+        },
+    )
+    return result
+
+
+def bench_transformers(
+    checkpoint: Path, image: Path, prompt: str, new_tokens: int, repeat: int, threads: int | None, dtype: str
+) -> dict:
+    result = _run_worker(["hf", checkpoint, image, prompt, new_tokens, repeat, threads or 0, dtype])
+    result.update(target=str(checkpoint), backend="transformers-eager", precision=dtype)
+    return result
+
+
+def run_bench(
+    dirs: list[Path],
+    image: Path,
+    prompt: str = "caption en",
+    new_tokens: int = 32,
+    repeat: int = 3,
+    threads: int | None = None,
+    baseline_hf: Path | None = None,
+    hf_dtypes: tuple[str, ...] = ("fp32", "bf16"),
+) -> dict:
+    machine = {**machine_info(threads), **roofline(threads)}
+    results = [bench_export(Path(d), image, prompt, new_tokens, repeat, threads, machine) for d in dirs]
+    baselines = (
+        [bench_transformers(baseline_hf, image, prompt, new_tokens, repeat, threads, dtype) for dtype in hf_dtypes]
+        if baseline_hf
+        else []
+    )
+    reference = next((b for b in baselines if b["precision"] == "fp32"), None)
+    if reference:
+        for result in results:
+            result["vs_transformers_fp32"] = {
+                "decode_speedup": result["decode_tok_s"] / reference["decode_tok_s"],
+                "ttft_ratio": result["ttft_s"] / reference["ttft_s"],
+                "peak_rss_ratio": result["memory"]["peak"] / reference["memory"]["peak"],
+            }
+    return {
+        "machine": machine,
+        "settings": {"prompt": prompt, "new_tokens": new_tokens, "repeat": repeat, "image": str(image)},
+        "results": results + baselines,
+    }
+
+
+def table(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"{m['cpu']} · {m['threads']} threads · {m['ram_gb']} GB · onnxruntime {m['onnxruntime']} · "
+        f"bandwidth {m['bandwidth_gbs']} GB/s · matmul {m['matmul_gflops']} GFLOP/s",
+        f"{'target':<34} {'backend':<12} {'prec':<6} {'load s':>7} {'vision s':>8} {'prefill s':>9} "
+        f"{'TTFT s':>7} {'tok/s':>7} {'step ms 1st/last':>17} {'peak GB':>7} {'disk GB':>7} {'roof %':>6}",
+    ]
+    for r in report["results"]:
+        roof = r.get("roofline", {}).get("decode_fraction")
+        disk = r.get("bytes_on_disk")
+        lines.append(
+            f"{Path(r['target']).name[:34]:<34} {r['backend'][:12]:<12} {r['precision']:<6} {r['load_s']:7.2f} "
+            f"{r['vision_s']:8.3f} {r['prefill_s']:9.3f} {r['ttft_s']:7.3f} {r['decode_tok_s']:7.2f} "
+            f"{r['step_ms_first']:8.1f}/{r['step_ms_last']:<8.1f} {r['memory']['peak'] / 1e9:7.2f} "
+            f"{'' if disk is None else f'{disk / 1e9:7.2f}':>7} {'' if roof is None else f'{100 * roof:5.1f}%':>6}"
+        )
+    for r in report["results"]:
+        if "vs_transformers_fp32" in r:
+            v = r["vs_transformers_fp32"]
+            lines.append(
+                f"{Path(r['target']).name}: decode ×{v['decode_speedup']:.2f}, TTFT ×{v['ttft_ratio']:.2f}, "
+                f"peak RSS ×{v['peak_rss_ratio']:.2f} vs transformers fp32"
+            )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    labels = [f"{Path(r['target']).name}\n{r['backend'].split('-')[0]} {r['precision']}" for r in results]
+    panels = [
+        ("time to first token (s)", [r["ttft_s"] for r in results]),
+        ("decode tokens / s", [r["decode_tok_s"] for r in results]),
+        ("peak RSS (GB)", [r["memory"]["peak"] / 1e9 for r in results]),
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(5 + 1.6 * len(results), 4.5))
+    for axis, (title, values) in zip(axes, panels):
+        colours = ["tab:orange" if r["backend"].startswith("transformers") else "tab:blue" for r in results]
+        axis.bar(range(len(values)), values, color=colours)
+        axis.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=7)
+        axis.set_title(title)
+    figure.suptitle(f"paligemma-edge · {report['machine']['cpu']} · {report['machine']['threads']} threads", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,92 @@
+"""What the machine is and what it can do: info, memory bandwidth and matmul throughput (roofline)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int | None) -> dict:
+    import onnxruntime
+    import psutil
+
+    return {
+        "cpu": cpu_model(),
+        "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "threads": threads or os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _ort_matmul(m: int, k: int, n: int, threads: int | None):
+    """An onnxruntime session computing x[m,k] @ W[k,n] with W a constant initializer."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.ones((m, k), np.float32)
+    return lambda: session.run(None, {"x": x})
+
+
+def roofline(threads: int | None) -> dict:
+    """Memory bandwidth (GB/s) and fp32 matmul throughput (GFLOP/s), the best of a few runs.
+
+    Bandwidth is the higher of a numpy copy (read + write) and an onnxruntime GEMV over a 256 MB
+    weight (decode's access pattern); throughput an onnxruntime 512×2048×2048 MatMul.
+    """
+    size = 256 * 1024**2
+    source = np.ones(size // 4, np.float32)
+    target = np.empty_like(source)
+    copy_gbs = 2 * size / _best(lambda: np.copyto(target, source)) / 1e9
+    k, n = 4096, size // 4 // 4096
+    gemv_gbs = k * n * 4 / _best(_ort_matmul(1, k, n, threads)) / 1e9
+    m, k, n = 512, 2048, 2048
+    gflops = 2 * m * k * n / _best(_ort_matmul(m, k, n, threads)) / 1e9
+    return {
+        "bandwidth_gbs": round(max(copy_gbs, gemv_gbs), 2),
+        "numpy_copy_gbs": round(copy_gbs, 2),
+        "ort_gemv_gbs": round(gemv_gbs, 2),
+        "matmul_gflops": round(gflops, 1),
+    }

@@ -1,0 +1,173 @@
+"""Measure one target in a process of its own, so peak RSS belongs to it alone; prints one JSON line.
+
+python -m paligemma_edge.benchmarks.worker onnx EXPORT_DIR IMAGE PROMPT NEW_TOKENS REPEAT THREADS
+python -m paligemma_edge.benchmarks.worker hf CHECKPOINT IMAGE PROMPT NEW_TOKENS REPEAT THREADS DTYPE
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from statistics import median
+
+import psutil
+
+STAGES = ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_tok_s", "step_ms_first", "step_ms_last")
+EDGE_STEPS = 4  # steps averaged for the short- and long-context step times
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """This process's high-water RSS. Linux: VmHWM (ru_maxrss would carry the parent's peak across fork+exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over the measured repeats (warm-up already excluded)."""
+    return {key: median(run[key] for run in runs) for key in STAGES}
+
+
+def _decode_stats(step_times: list[float]) -> dict:
+    edge = min(EDGE_STEPS, len(step_times))
+    return {
+        "decode_tok_s": len(step_times) / sum(step_times) if step_times else 0.0,
+        "step_ms_first": 1e3 * median(step_times[:edge]) if step_times else 0.0,
+        "step_ms_last": 1e3 * median(step_times[-edge:]) if step_times else 0.0,
+    }
+
+
+def bench_onnx(export_dir: str, image_path: str, prompt: str, new_tokens: int, repeat: int, threads: int | None):
+    from paligemma_edge import PaliGemma
+    from paligemma_edge.runtime.images import load_image, preprocess
+    from paligemma_edge.runtime.model import ImageFeatures
+
+    memory = {"start": rss()}
+    start = time.perf_counter()
+    model = PaliGemma.load(export_dir, threads=threads, verify_checksums=False)
+    load_s = time.perf_counter() - start
+    memory["after_load"] = rss()
+    image = load_image(image_path)
+    runs = []
+    for index in range(repeat + 1):  # run 0 is the warm-up
+        t0 = time.perf_counter()
+        pixels = preprocess(image, model.manifest.image_size)[None]
+        t1 = time.perf_counter()
+        (features,) = model.vision.run(None, {model.vision.get_inputs()[0].name: pixels})
+        t2 = time.perf_counter()
+        memory.setdefault("after_vision", rss())
+        steps = model._greedy(
+            [ImageFeatures(features[0], image.width, image.height)], [prompt], new_tokens, stop_at_eos=False
+        )
+        next(steps)
+        t3 = time.perf_counter()
+        memory.setdefault("after_prefill", rss())
+        step_times, last = [], t3
+        for _ in steps:
+            now = time.perf_counter()
+            step_times.append(now - last)
+            last = now
+        memory.setdefault("after_decode", rss())
+        if index:
+            runs.append(
+                {
+                    "preprocess_s": t1 - t0,
+                    "vision_s": t2 - t1,
+                    "prefill_s": t3 - t2,
+                    "ttft_s": t3 - t0,
+                    **_decode_stats(step_times),
+                }
+            )
+    context = len(model.prompt_ids(prompt)) + new_tokens
+    return {"load_s": load_s, **summarize(runs), "context_tokens": context, "memory": memory}
+
+
+def bench_hf(
+    checkpoint: str, image_path: str, prompt: str, new_tokens: int, repeat: int, threads: int | None, dtype: str
+):
+    import torch
+    from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList, PaliGemmaForConditionalGeneration
+
+    from paligemma_edge.runtime.images import load_image
+
+    if threads:
+        torch.set_num_threads(threads)
+    memory = {"start": rss()}
+    start = time.perf_counter()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = PaliGemmaForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch_dtype, attn_implementation="eager"
+    ).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    load_s = time.perf_counter() - start
+    memory["after_load"] = rss()
+    image = load_image(image_path)
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    runs = []
+    for index in range(repeat + 1):
+        t0 = time.perf_counter()
+        inputs = processor(images=image, text="<image>" + prompt, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            model.model.get_image_features(inputs["pixel_values"])
+        t2 = time.perf_counter()
+        memory.setdefault("after_vision", rss())
+        clock = Clock()
+        with torch.no_grad():  # min_new_tokens: EOS ignored, exactly new_tokens steps
+            model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([clock]),
+            )
+        memory.setdefault("after_decode", rss())
+        first = clock.times[0] - t2  # generate's first step runs the vision tower again, then prefill
+        step_times = [b - a for a, b in zip(clock.times, clock.times[1:])]
+        if index:
+            runs.append(
+                {
+                    "preprocess_s": t1 - t0,
+                    "vision_s": t2 - t1,
+                    "prefill_s": first - (t2 - t1),
+                    "ttft_s": (t1 - t0) + first,
+                    **_decode_stats(step_times),
+                }
+            )
+    context = int(inputs["input_ids"].shape[1]) + new_tokens
+    return {"load_s": load_s, **summarize(runs), "context_tokens": context, "memory": memory}
+
+
+def main(argv: list[str]) -> None:
+    kind, target, image, prompt, new_tokens, repeat, threads, *rest = argv
+    threads_arg = int(threads) or None
+    if kind == "onnx":
+        result = bench_onnx(target, image, prompt, int(new_tokens), int(repeat), threads_arg)
+    else:
+        result = bench_hf(target, image, prompt, int(new_tokens), int(repeat), threads_arg, rest[0])
+    result["memory"]["peak"] = peak_rss()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

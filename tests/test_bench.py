@@ -1,0 +1,122 @@
+"""Benchmark plumbing on tiny checkpoints (a smoke test: fields present, numbers positive — no timing
+assertions) and the full-size random-checkpoint generator on a scaled-down preset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from paligemma_edge.export.full_size import BASE_VOCAB, HF_VOCAB, PRESETS, Preset, make_full_size_checkpoint
+
+STAGE_FIELDS = {
+    "load_s",
+    "preprocess_s",
+    "vision_s",
+    "prefill_s",
+    "ttft_s",
+    "decode_tok_s",
+    "step_ms_first",
+    "step_ms_last",
+    "context_tokens",
+    "memory",
+}
+
+
+def test_bench_cli_smoke(exports, tmp_path):
+    report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paligemma_edge.cli",
+            "bench",
+            str(exports["pg1"].export_dir),
+            str(exports["pg2"].export_dir),
+            "--new-tokens",
+            "6",
+            "--repeat",
+            "1",
+            "--baseline-hf",
+            str(exports["pg1"].checkpoint),
+            "--hf-dtypes",
+            "fp32",
+            "--json",
+            str(report_path),
+            "--plot",
+            str(plot_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(report_path.read_text())
+    machine = report["machine"]
+    assert {"cpu", "threads", "ram_gb", "onnxruntime", "numpy", "bandwidth_gbs", "matmul_gflops"} <= set(machine)
+    assert machine["bandwidth_gbs"] > 0 and machine["matmul_gflops"] > 0
+    onnx_results = [r for r in report["results"] if r["backend"] == "onnxruntime"]
+    hf_results = [r for r in report["results"] if r["backend"].startswith("transformers")]
+    assert len(onnx_results) == 2 and len(hf_results) == 1
+    for result in report["results"]:
+        assert set(result) >= STAGE_FIELDS
+        assert all(result[key] > 0 for key in STAGE_FIELDS - {"memory"})
+        assert {"start", "after_load", "after_vision", "after_decode", "peak"} <= set(result["memory"])
+        assert result["memory"]["peak"] >= result["memory"]["after_load"] > 0
+    for result in onnx_results:
+        assert result["bytes_on_disk"] > 0
+        roof = result["roofline"]
+        assert roof["decode_tok_s_limit"] > 0 and roof["decode_fraction"] > 0 and roof["vision_fraction"] > 0
+        assert result["vs_transformers_fp32"]["decode_speedup"] > 0
+    assert plot_path.stat().st_size > 1000
+    assert "vs transformers fp32" in out.stdout
+
+
+def test_presets_have_the_real_shapes():
+    pg1, pg2 = PRESETS["paligemma-3b-224"], PRESETS["paligemma2-3b-896"]
+    assert (pg1.hidden, pg1.layers, pg1.mlp, pg1.heads, pg1.kv_heads, pg1.head_dim) == (2048, 18, 16384, 8, 1, 256)
+    assert (pg2.hidden, pg2.layers, pg2.mlp, pg2.kv_heads, pg2.image_size) == (2304, 26, 9216, 4, 896)
+    assert (pg1.vision_hidden, pg1.vision_layers, pg1.vision_mlp, pg1.vision_heads) == (1152, 27, 4304, 16)
+    assert set(PRESETS) == {f"{f}-3b-{s}" for f in ("paligemma", "paligemma2") for s in (224, 448, 896)}
+
+
+def test_random_checkpoint_streams_shards_with_real_ids(tmp_path):
+    """A scaled-down preset through the same writer: several shards, real id layout, loads and runs finite."""
+    import torch
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    small = Preset(
+        version=2,
+        image_size=224,
+        hidden=64,
+        layers=2,
+        mlp=128,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        vision_hidden=32,
+        vision_layers=2,
+        vision_mlp=64,
+        vision_heads=2,
+    )
+    out = make_full_size_checkpoint(small, tmp_path / "ckpt", shard_bytes=16 * 1024**2)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3  # the 257216×64 table alone is 66 MB
+    processor = AutoProcessor.from_pretrained(out)
+    tokenizer = processor.tokenizer
+    assert [
+        tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<loc0000>", "<seg000>", "<image>")
+    ] == [0, 1, 2, BASE_VOCAB, 257024, 257152]
+    model = PaliGemmaForConditionalGeneration.from_pretrained(out).eval()
+    assert model.config.text_config.vocab_size == HF_VOCAB
+    inputs = processor(images=np.zeros((50, 60, 3), np.uint8), text="<image>caption en", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+
+def test_unknown_preset(tmp_path):
+    with pytest.raises(ValueError, match="Unknown preset"):
+        make_full_size_checkpoint("paligemma-7b", tmp_path)
