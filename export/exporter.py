@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-import gc
+import itertools
+import json
+import multiprocessing
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..runtime import spec
-from ..runtime.errors import CheckpointError
+from ..runtime import errors, spec
+from ..runtime.errors import CheckpointError, PaliGemmaEdgeError
 from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, checksum_files, load_manifest, sha256_file, write_manifest
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .graphs import OPSET, export_decoder, export_vision
 from .random_checkpoint import RANDOM_MARKER
 from .seg_decoder import write_mask_decoder
-from .verify import raise_if_failed, transformers_reference, verify_export
+from .verify import Reference, raise_if_failed, transformers_reference, verify_export
 
 VISION_FILE = "vision.onnx"
 DECODER_FILE = "decoder.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MASK_DECODER_FILE = "mask_decoder.onnx"
+REFERENCE_FILE = ".transformers_reference.npz"
+ERROR_FILE = ".export_error.json"
+ISOLATE_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -31,6 +36,7 @@ class ExportSettings:
     verify_prompt: str = "caption en"
     verify_steps: int = 16
     seg_decoder: Path | None = None  # big_vision's vae-oid.npz → mask_decoder.onnx
+    isolate: bool | None = None  # torch stage in a child process; None: when the checkpoint is > ISOLATE_BYTES
 
 
 def _token_ids(tokenizer_path: Path, model) -> dict:
@@ -86,12 +92,17 @@ def _versions() -> dict:
     }
 
 
-def export_model(model: str | Path, out_dir: str | Path, settings: ExportSettings | None = None) -> dict:
-    """Export, write the manifest, verify against transformers; returns the manifest dict."""
-    settings = settings or ExportSettings()
-    out = Path(out_dir)
+def _release_weights(model) -> None:
+    """Drop every parameter's and buffer's storage, so onnxruntime never runs beside the torch weights."""
+    import torch
+
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        tensor.data = torch.empty(0, dtype=tensor.dtype)
+
+
+def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tuple[dict, Reference | None]:
+    """Everything that needs torch: transformers' reference outputs, both graphs, tokenizer, manifest."""
     steps = ["load checkpoint", "export vision", "export decoder", "tokenizer + manifest"]
-    steps += ["verify against transformers"] if settings.verify else []
     with tqdm(steps, desc="export", unit="step") as bar:
         bar.set_postfix_str(steps[0])
         checkpoint = resolve_checkpoint(model)
@@ -171,10 +182,57 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
             manifest = attach_mask_decoder(out, settings.seg_decoder)
         bar.update()
 
-        del hf_model, processor
-        gc.collect()
+        _release_weights(hf_model)
+    return manifest, reference
+
+
+def _torch_stage_in_child(model: str, out: str, settings: dict) -> None:
+    """Entry point of the isolated torch stage (a spawned process): results and typed errors go to disk."""
+    try:
+        manifest, reference = _torch_stage(model, Path(out), ExportSettings(**settings))
         if reference is not None:
-            bar.set_postfix_str(steps[4])
+            reference.save(Path(out) / REFERENCE_FILE)
+    except PaliGemmaEdgeError as error:
+        (Path(out) / ERROR_FILE).write_text(json.dumps({"type": type(error).__name__, "message": str(error)}))
+        raise SystemExit(2) from error
+
+
+def _run_isolated(model: str | Path, out: Path, settings: ExportSettings) -> tuple[dict, Reference | None]:
+    """Run the torch stage in a child process, so its memory is gone before onnxruntime verifies.
+
+    (torch.export keeps references to the weights that no Python-level release reaches.)
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in (REFERENCE_FILE, ERROR_FILE):
+        (out / leftover).unlink(missing_ok=True)
+    child = multiprocessing.get_context("spawn").Process(
+        target=_torch_stage_in_child, args=(str(model), str(out), asdict(settings))
+    )
+    child.start()
+    child.join()
+    if (out / ERROR_FILE).is_file():
+        error = json.loads((out / ERROR_FILE).read_text())
+        (out / ERROR_FILE).unlink()
+        raise getattr(errors, error["type"], errors.PaliGemmaEdgeError)(error["message"])
+    if child.exitcode != 0:
+        raise errors.PaliGemmaEdgeError(f"the export's torch stage died (exit code {child.exitcode}); see above.")
+    reference = Reference.load(out / REFERENCE_FILE) if settings.verify else None
+    (out / REFERENCE_FILE).unlink(missing_ok=True)
+    return load_manifest(out).data, reference
+
+
+def _checkpoint_bytes(model: str | Path) -> int:
+    return sum(p.stat().st_size for p in resolve_checkpoint(model).glob("*.safetensors"))
+
+
+def export_model(model: str | Path, out_dir: str | Path, settings: ExportSettings | None = None) -> dict:
+    """Export, write the manifest, verify against transformers; returns the manifest dict."""
+    settings = settings or ExportSettings()
+    out = Path(out_dir)
+    isolate = settings.isolate if settings.isolate is not None else _checkpoint_bytes(model) > ISOLATE_BYTES
+    manifest, reference = _run_isolated(model, out, settings) if isolate else _torch_stage(model, out, settings)
+    if reference is not None:
+        with tqdm(total=1, desc="verify against transformers", unit="step") as bar:
             report = verify_export(reference, out, settings.dtype)
             manifest["verification"] = report.to_dict()
             write_manifest(out, manifest)  # the record stays even when verification fails

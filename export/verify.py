@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def demo_image_path() -> Path:
 class Reference:
     """What transformers computed: taken before the export so the torch model can be freed first."""
 
-    image: object
+    image_path: str
     prompt: str
     steps: int
     pixel_values: np.ndarray
@@ -59,18 +60,43 @@ class Reference:
     tokens: list[int]  # greedy, up to `steps`, eos included if reached
     logits: np.ndarray  # [len(tokens), vocab]
 
+    def save(self, path: Path) -> None:
+        """npz (no pickle) + the scalars as JSON in the same file's metadata array."""
+        meta = json.dumps({"image_path": self.image_path, "prompt": self.prompt, "steps": self.steps})
+        np.savez(
+            path,
+            pixel_values=self.pixel_values,
+            logits=self.logits,
+            tokens=np.array(self.tokens, np.int64),
+            prompt_ids=np.array(self.prompt_ids, np.int64),
+            meta=np.array(meta),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Reference:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            return cls(
+                pixel_values=data["pixel_values"],
+                logits=data["logits"],
+                tokens=data["tokens"].tolist(),
+                prompt_ids=data["prompt_ids"].tolist(),
+                **meta,
+            )
+
 
 def transformers_reference(
     hf_model, processor, prompt: str = "caption en", steps: int = 16, image_path: Path | None = None
 ) -> Reference:
-    image = load_image(image_path or demo_image_path())
+    image_path = Path(image_path or demo_image_path())
+    image = load_image(image_path)
     inputs = processor(images=image, text=spec.IMAGE_TOKEN + prompt, return_tensors="pt")
     with torch.no_grad():
         out = hf_model.generate(
             **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
     return Reference(
-        image=image,
+        image_path=str(image_path),
         prompt=prompt,
         steps=steps,
         pixel_values=inputs["pixel_values"][0].float().numpy(),
@@ -83,7 +109,7 @@ def transformers_reference(
 def verify_export(reference: Reference, export_dir: Path, dtype: str = "fp32") -> VerificationReport:
     """Greedy tokens for ``steps`` steps must agree and teacher-forced logits stay within tolerance."""
     runtime = PaliGemma.load(export_dir, verify_checksums=False)
-    image, prompt = reference.image, reference.prompt
+    image, prompt = load_image(reference.image_path), reference.prompt
     pixel_diff = float(np.abs(preprocess(image, runtime.manifest.image_size) - reference.pixel_values).max())
     onnx_tokens = runtime.generate(image, prompt, max_new_tokens=reference.steps).token_ids
     eos = set(runtime.tokens.eos)

@@ -66,3 +66,18 @@ def test_demo_job(tmp_path, capsys):
     assert "RANDOM" in report["note"] and report["verification"]["passed"]
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["timings_s"]) >= {"export_and_verify_s", "load_s", "vision_encode_s", "caption_s"}
+
+
+def test_isolated_torch_stage_gives_the_same_export(exports, tmp_path):
+    """Large checkpoints export in a child process (torch.export holds the weights); same result, typed errors."""
+    from paligemma_edge.runtime.errors import CheckpointError
+
+    manifest = export_model(exports["pg1"].checkpoint, tmp_path / "iso", ExportSettings(isolate=True))
+    assert manifest["verification"]["passed"]
+    assert manifest["files"]["decoder.onnx.data"] == exports["pg1"].manifest["files"]["decoder.onnx.data"]
+    assert not (tmp_path / "iso" / ".transformers_reference.npz").exists()
+    (tmp_path / "empty").mkdir()
+    import pytest
+
+    with pytest.raises(CheckpointError, match="config.json"):
+        export_model(tmp_path / "empty", tmp_path / "out", ExportSettings(isolate=True))
