@@ -9,6 +9,8 @@ its own compact [vocab, hidden] copy, the LM head keeps the quantized one.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,18 +55,48 @@ def _table_users(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto
     raise ValueError("decoder graph has no tied embedding table (Gather + MatMul on one initializer)")
 
 
+_ROWS_PER_CHUNK = 16384  # embedding rows converted at a time: a few temporaries of ~100 MB, never 2 GB
+
+
+def _table_view(table: onnx.TensorProto) -> np.ndarray:
+    """The [hidden, vocab] table as a zero-copy view of the protobuf's bytes."""
+    dtype = np.float16 if table.data_type == TensorProto.FLOAT16 else np.float32
+    if table.raw_data:
+        return np.frombuffer(table.raw_data, dtype=dtype).reshape(tuple(table.dims))
+    return numpy_helper.to_array(table)
+
+
+def _rows_int8(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[hidden, vocab] → int8 rows [vocab, hidden] and one scale per row, chunk by chunk."""
+    vocab = columns.shape[1]
+    quantized = np.empty((vocab, columns.shape[0]), np.int8)
+    scales = np.empty((vocab, 1), np.float32)
+    for start in range(0, vocab, _ROWS_PER_CHUNK):
+        rows = columns[:, start : start + _ROWS_PER_CHUNK].T.astype(np.float32)
+        scale = np.maximum(np.abs(rows).max(axis=1, keepdims=True), 1e-12) / 127.0
+        quantized[start : start + len(rows)] = np.clip(np.round(rows / scale), -127, 127)
+        scales[start : start + len(rows)] = scale
+    return quantized, scales
+
+
+def _rows_cast(columns: np.ndarray, dtype: type) -> np.ndarray:
+    rows = np.empty((columns.shape[1], columns.shape[0]), dtype)
+    for start in range(0, columns.shape[1], _ROWS_PER_CHUNK):
+        rows[start : start + _ROWS_PER_CHUNK] = columns[:, start : start + _ROWS_PER_CHUNK].T
+    return rows
+
+
 def untie_embeddings(model: onnx.ModelProto, precision: str) -> None:
     """Give the embedding lookup its own [vocab, hidden] table in ``precision`` (fp32 / fp16 / int8 rows)."""
     gather, _, table = _table_users(model)
-    rows = numpy_helper.to_array(table).T  # [vocab, hidden]
+    columns = _table_view(table)
     ids, out = gather.input[1], gather.output[0]
     nodes, inits = [], []
     if precision == "int8":
-        scale = np.maximum(np.abs(rows).max(axis=1, keepdims=True), 1e-12) / 127.0
-        quantized = np.clip(np.round(rows / scale), -127, 127).astype(np.int8)
+        quantized, scale = _rows_int8(columns)
         inits += [
             numpy_helper.from_array(quantized, "embed_rows.int8"),
-            numpy_helper.from_array(scale.astype(np.float32), "embed_rows.scale"),
+            numpy_helper.from_array(scale, "embed_rows.scale"),
         ]
         nodes += [
             helper.make_node("Gather", ["embed_rows.int8", ids], ["embed.q"], axis=0),
@@ -74,7 +106,7 @@ def untie_embeddings(model: onnx.ModelProto, precision: str) -> None:
         ]
     else:
         dtype = np.float16 if precision == "fp16" else np.float32
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(rows.astype(dtype)), f"embed_rows.{precision}"))
+        inits.append(numpy_helper.from_array(_rows_cast(columns, dtype), f"embed_rows.{precision}"))
         nodes.append(helper.make_node("Gather", [f"embed_rows.{precision}", ids], ["embed.raw"], axis=0))
         cast_to = TensorProto.FLOAT16 if table.data_type == TensorProto.FLOAT16 else TensorProto.FLOAT
         nodes.append(helper.make_node("Cast", ["embed.raw"], ["embed.rows"], to=cast_to))
@@ -104,20 +136,19 @@ def _matmul_nbits(
     return quantizer.model.model
 
 
-def _dynamic_int8(model: onnx.ModelProto, include: list[str] | None, exclude: list[str] | None) -> onnx.ModelProto:
+def _dynamic_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         _save(model, source)
+        model.Clear()  # the tool reads the file: free the in-memory copy even though callers still hold it
         quantize_dynamic(
             source,
             target,
             op_types_to_quantize=["MatMul"],
             per_channel=True,
             weight_type=QuantType.QInt8,
-            nodes_to_quantize=include,
-            nodes_to_exclude=exclude,
             use_external_data_format=True,
             extra_options={"MatMulConstBOnly": True},
         )
@@ -164,11 +195,10 @@ def quantize_decoder(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
         head.name = head_name
     if not recipe.tied:
         untie_embeddings(model, recipe.embeddings)
-    body_nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head_name]
     if recipe.decoder == "int4":
         model = _matmul_nbits(model, 4, recipe, include=None, exclude=[head_name])
-    elif recipe.decoder == "int8":
-        model = _dynamic_int8(model, include=body_nodes, exclude=[head_name])
+    elif recipe.decoder == "int8":  # 8-bit MatMulNBits: quantize_dynamic needs > 24 GB for a 3B decoder
+        model = _matmul_nbits(model, 8, recipe, include=None, exclude=[head_name])
     if recipe.lm_head == "int4":
         model = _matmul_nbits(model, 4, recipe, include=[head_name], exclude=None)
     elif recipe.lm_head == "int8":
@@ -178,10 +208,16 @@ def quantize_decoder(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
 
 def quantize_vision(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
     if recipe.vision == "int8":
-        return _dynamic_int8(model, include=None, exclude=None)
+        return _dynamic_int8(model)
     if recipe.vision == "fp16":
         return to_fp16(model)
     return model
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so the next graph starts low."""
+    with contextlib.suppress(OSError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe) -> dict:
@@ -193,15 +229,16 @@ def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe) -> 
     out.mkdir(parents=True, exist_ok=True)
     manifest = dict(source.data)
     graphs = {name: dict(graph) for name, graph in source.data["graphs"].items()}
-    steps = [("vision", quantize_vision, recipe.vision), ("decoder", quantize_decoder, recipe.decoder)]
+    # the decoder (the big one) first, while the process is fresh
+    steps = [("decoder", quantize_decoder, recipe.decoder), ("vision", quantize_vision, recipe.vision)]
     for name, function, precision in tqdm(steps, desc=f"quantize {recipe.name}", unit="graph"):
         file = graphs[name]["file"]
         if precision == "fp32" and (name == "vision" or (recipe.tied and recipe.lm_head == "fp32")):
             for suffix in ("", ".data"):
                 shutil.copyfile(source.path(file + suffix), out / (file + suffix))
             continue
-        model = onnx.load(str(source.path(file)))
-        _save(function(model, recipe), out / file)
+        _save(function(onnx.load(str(source.path(file))), recipe), out / file)
+        _return_freed_memory()
         graphs[name]["dtype"] = precision
     graphs["decoder"]["tied_table"] = recipe.tied
     graphs["decoder"]["lm_head"] = recipe.lm_head

@@ -54,7 +54,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # dynamic int8 weights everywhere (onnxruntime.quantization.quantize_dynamic), int8 embedding rows
+    # int8 weights everywhere: vision quantize_dynamic, decoder 8-bit MatMulNBits (int8 activations on CPU),
+    # int8 embedding rows
     "int8": Recipe("int8", vision="int8", decoder="int8", lm_head="int8", embeddings="int8"),
     # MatMulNBits 4-bit decoder body, 8-bit LM head, int8 vision, int8 embedding rows
     "int4": Recipe("int4", vision="int8", decoder="int4", lm_head="int8", embeddings="int8"),
