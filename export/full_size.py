@@ -9,89 +9,28 @@ The tokenizer has the real id layout: 256000 base pieces, `<loc>` at 256000+, `<
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..runtime import spec
-from .random_checkpoint import RANDOM_MARKER, build_tokenizer
+from .random_checkpoint import RANDOM_MARKER, TinySpec, build_tokenizer, paligemma_config
 
 BASE_VOCAB = 256000
 HF_VOCAB = 257216
 SHARD_BYTES = 2 * 1024**3
 
 
-@dataclass(frozen=True)
-class Preset:
-    version: int
-    image_size: int
-    hidden: int
-    layers: int
-    mlp: int
-    heads: int
-    kv_heads: int
-    head_dim: int = 256
-    vision_hidden: int = 1152  # SigLIP So400m/14
-    vision_layers: int = 27
-    vision_mlp: int = 4304
-    vision_heads: int = 16
-
-
-_PG1 = dict(version=1, hidden=2048, layers=18, mlp=16384, heads=8, kv_heads=1)
-_PG2 = dict(version=2, hidden=2304, layers=26, mlp=9216, heads=8, kv_heads=4)
+_SIGLIP_SO400M = dict(vision_hidden=1152, vision_layers=27, vision_mlp=4304, vision_heads=16)
+_PG1 = dict(version=1, text_hidden=2048, text_layers=18, text_mlp=16384, text_heads=8, kv_heads=1)
+_PG2 = dict(version=2, text_hidden=2304, text_layers=26, text_mlp=9216, text_heads=8, kv_heads=4)
 PRESETS = {
-    f"{family}-3b-{size}": Preset(image_size=size, **shape)
+    f"{family}-3b-{size}": TinySpec(image_size=size, head_dim=256, vocab_size=HF_VOCAB, **_SIGLIP_SO400M, **shape)
     for family, shape in (("paligemma", _PG1), ("paligemma2", _PG2))
     for size in (224, 448, 896)
 }
-
-
-def _config(preset: Preset, tokenizer):
-    from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
-
-    vision = SiglipVisionConfig(
-        hidden_size=preset.vision_hidden,
-        intermediate_size=preset.vision_mlp,
-        num_hidden_layers=preset.vision_layers,
-        num_attention_heads=preset.vision_heads,
-        patch_size=spec.PATCH_SIZE,
-        image_size=preset.image_size,
-        vision_use_head=False,
-        projection_dim=preset.hidden,
-    )
-    text_kwargs = dict(
-        vocab_size=HF_VOCAB,
-        hidden_size=preset.hidden,
-        intermediate_size=preset.mlp,
-        num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads,
-        num_key_value_heads=preset.kv_heads,
-        head_dim=preset.head_dim,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=1,
-    )
-    if preset.version == 1:
-        text = GemmaConfig(hidden_act="gelu_pytorch_tanh", **text_kwargs)
-    else:
-        text = Gemma2Config(
-            hidden_activation="gelu_pytorch_tanh",
-            query_pre_attn_scalar=preset.head_dim,
-            sliding_window=4096,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=30.0,
-            **text_kwargs,
-        )
-    return PaliGemmaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(spec.IMAGE_TOKEN),
-        projection_dim=preset.hidden,
-        hidden_size=preset.hidden,
-        vocab_size=HF_VOCAB,
-    )
 
 
 def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -111,14 +50,14 @@ def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
 
 
 def make_full_size_checkpoint(
-    preset_name: str | Preset, out_dir: str | Path, seed: int = 0, shard_bytes: int = SHARD_BYTES
+    preset_name: str | TinySpec, out_dir: str | Path, seed: int = 0, shard_bytes: int = SHARD_BYTES
 ) -> Path:
-    """Write config, processor, tokenizer and sharded safetensors for a preset (a name or a Preset)."""
+    """Write config, processor, tokenizer and sharded safetensors for a preset (a name or a TinySpec)."""
     import torch
     from safetensors.numpy import save_file
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
 
-    if isinstance(preset_name, Preset):
+    if isinstance(preset_name, TinySpec):
         preset, preset_name = preset_name, "custom"
     elif preset_name in PRESETS:
         preset = PRESETS[preset_name]
@@ -127,7 +66,7 @@ def make_full_size_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(BASE_VOCAB)
-    config = _config(preset, tokenizer)
+    config = paligemma_config(preset, tokenizer)
     with torch.device("meta"):
         skeleton = PaliGemmaForConditionalGeneration(config)
     shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items() if name != "lm_head.weight"}
@@ -169,6 +108,6 @@ def make_full_size_checkpoint(
     image_processor.image_seq_length = (preset.image_size // spec.PATCH_SIZE) ** 2
     PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     (out / RANDOM_MARKER).write_text(
-        json.dumps({"random_weights": True, "preset": preset_name, "shape": asdict(preset), "seed": seed}, indent=2)
+        json.dumps({"random_weights": True, "preset": preset_name, "spec": asdict(preset), "seed": seed}, indent=2)
     )
     return out

@@ -33,7 +33,8 @@ _SCRIPT_GAIN = 30.0  # scripted checkpoints: MLP lookup gain, ≫ the residual e
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Shape of a small random PaliGemma checkpoint (defaults: a few MB, seconds to export)."""
+    """Shape of a random PaliGemma checkpoint (defaults: tiny — a few MB, seconds to export;
+    full_size.PRESETS holds the real 3B shapes)."""
 
     version: int = 1  # 1 = Gemma decoder, 2 = Gemma 2 decoder
     image_size: int = 224
@@ -101,7 +102,7 @@ def build_tokenizer(base_vocab_size: int | None = None):
     )
 
 
-def _config(tiny: TinySpec, tokenizer):
+def paligemma_config(tiny: TinySpec, tokenizer):
     from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
 
     vocab_size = tiny.vocab_size or len(tokenizer)
@@ -184,7 +185,7 @@ def _build(tiny: TinySpec):
 
     tokenizer = build_tokenizer()
     torch.manual_seed(tiny.seed)
-    model = PaliGemmaForConditionalGeneration(_config(tiny, tokenizer)).eval()
+    model = PaliGemmaForConditionalGeneration(paligemma_config(tiny, tokenizer)).eval()
     _randomize(model, tiny.init_std, tiny.seed)
     return model, tokenizer
 

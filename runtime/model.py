@@ -335,9 +335,7 @@ class PaliGemma:
 
         ``iou_threshold`` applies per-label non-maximum suppression.
         """
-        features = self.encode_image(image)
-        result = self.generate(features, prompts.detect_prompt(labels), max_new_tokens)
-        return self.objects_from(result, features, divisor, iou_threshold)
+        return self.localize(image, prompts.detect_prompt(labels), max_new_tokens, divisor, iou_threshold)
 
     def segment(
         self,
@@ -352,8 +350,20 @@ class PaliGemma:
 
         Without a mask decoder in the export, masks stay None and ``.notes`` says how to add one.
         """
+        return self.localize(image, prompts.segment_prompt(labels), max_new_tokens, divisor, iou_threshold, soft_masks)
+
+    def localize(
+        self,
+        image: ImageInput | ImageFeatures,
+        prompt: str,
+        max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
+        divisor: float = spec.LOC_DIVISOR_HF,
+        iou_threshold: float | None = None,
+        soft_masks: bool = False,
+    ) -> ParsedOutput:
+        """Run any prompt (e.g. a fine-tuned RefCOCO referring expression) and parse its output into objects."""
         features = self.encode_image(image)
-        result = self.generate(features, prompts.segment_prompt(labels), max_new_tokens)
+        result = self.generate(features, prompt, max_new_tokens)
         return self.objects_from(result, features, divisor, iou_threshold, soft_masks)
 
     def objects_from(

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from paligemma_edge.export.full_size import BASE_VOCAB, HF_VOCAB, PRESETS, Preset, make_full_size_checkpoint
+from paligemma_edge.export.full_size import BASE_VOCAB, HF_VOCAB, PRESETS, make_full_size_checkpoint
+from paligemma_edge.export.random_checkpoint import TinySpec
 
 STAGE_FIELDS = {
     "load_s",
@@ -76,8 +77,16 @@ def test_bench_cli_smoke(exports, tmp_path):
 
 def test_presets_have_the_real_shapes():
     pg1, pg2 = PRESETS["paligemma-3b-224"], PRESETS["paligemma2-3b-896"]
-    assert (pg1.hidden, pg1.layers, pg1.mlp, pg1.heads, pg1.kv_heads, pg1.head_dim) == (2048, 18, 16384, 8, 1, 256)
-    assert (pg2.hidden, pg2.layers, pg2.mlp, pg2.kv_heads, pg2.image_size) == (2304, 26, 9216, 4, 896)
+    assert (pg1.text_hidden, pg1.text_layers, pg1.text_mlp, pg1.text_heads, pg1.kv_heads, pg1.head_dim) == (
+        2048,
+        18,
+        16384,
+        8,
+        1,
+        256,
+    )
+    assert (pg2.text_hidden, pg2.text_layers, pg2.text_mlp, pg2.kv_heads, pg2.image_size) == (2304, 26, 9216, 4, 896)
+    assert pg1.vocab_size == pg2.vocab_size == HF_VOCAB and pg2.sliding_window == 4096
     assert (pg1.vision_hidden, pg1.vision_layers, pg1.vision_mlp, pg1.vision_heads) == (1152, 27, 4304, 16)
     assert set(PRESETS) == {f"{f}-3b-{s}" for f in ("paligemma", "paligemma2") for s in (224, 448, 896)}
 
@@ -87,20 +96,7 @@ def test_random_checkpoint_streams_shards_with_real_ids(tmp_path):
     import torch
     from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
-    small = Preset(
-        version=2,
-        image_size=224,
-        hidden=64,
-        layers=2,
-        mlp=128,
-        heads=4,
-        kv_heads=2,
-        head_dim=16,
-        vision_hidden=32,
-        vision_layers=2,
-        vision_mlp=64,
-        vision_heads=2,
-    )
+    small = TinySpec(version=2, kv_heads=2, vocab_size=HF_VOCAB)
     out = make_full_size_checkpoint(small, tmp_path / "ckpt", shard_bytes=16 * 1024**2)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3  # the 257216×64 table alone is 66 MB
