@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb, repeat_kv
+from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
 
 GLOBAL_MASK = "attention_mask"
 SLIDING_MASK = "sliding_attention_mask"
@@ -68,8 +68,11 @@ class ExportableDecoder(nn.Module):
         return torch.where(is_image.unsqueeze(-1), image_embeds.to(text.dtype), text)
 
     def attention(self, layer, hidden, cos, sin, mask, past_key, past_value):
+        """Grouped-query attention without repeating K/V: the query heads that share a KV head are
+        folded into its rows, so a decode step never copies the cache per query head (8× for MQA)."""
         attn = layer.self_attn
         batch, seq, _ = hidden.shape
+        groups = attn.num_key_value_groups
         shape = (batch, seq, -1, attn.head_dim)
         query = attn.q_proj(hidden).view(shape).transpose(1, 2)
         key = attn.k_proj(hidden).view(shape).transpose(1, 2)
@@ -77,13 +80,17 @@ class ExportableDecoder(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         key = torch.cat([past_key, key], dim=2)
         value = torch.cat([past_value, value], dim=2)
-        scores = query @ repeat_kv(key, attn.num_key_value_groups).transpose(2, 3) * attn.scaling
+        kv_heads, total = key.shape[1], key.shape[2]
+        grouped = query.reshape(batch, kv_heads, groups * seq, attn.head_dim)  # head h = kv·groups + g
+        scores = grouped @ key.transpose(2, 3) * attn.scaling
         softcap = getattr(attn, "attn_logit_softcapping", None)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+        scores = scores.view(batch, kv_heads, groups, seq, total)
+        scores = torch.where(mask.unsqueeze(2), scores, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        out = (weights @ repeat_kv(value, attn.num_key_value_groups)).transpose(1, 2)
+        out = weights.view(batch, kv_heads, groups * seq, total) @ value
+        out = out.view(batch, -1, seq, attn.head_dim).transpose(1, 2)
         return attn.o_proj(out.reshape(batch, seq, -1)), key, value
 
     def forward(self, input_ids, image_embeds, position_ids, logits_positions, attention_mask, *rest):
