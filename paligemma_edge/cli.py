@@ -1,4 +1,4 @@
-"""`paligemma-edge` command line: export, run, info, demo."""
+"""`paligemma-edge`: export, quantize, compare, run, bench — PaliGemma on edge devices with onnxruntime."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export.exporter import ExportSettings, export_model
 
     settings = ExportSettings(dtype=args.dtype, verify=not args.no_verify, seg_decoder=args.seg_decoder)
+    overrides = [args.vision, args.decoder, args.lm_head, args.embeddings, args.block_size, args.accuracy_level]
+    if not args.recipe and (any(o is not None for o in overrides) or args.asymmetric):
+        raise PaliGemmaEdgeError("quantization options need a recipe: add --quant int8|int4|fp16.")
     if args.recipe:
         from .quant.pipeline import export_quantized
 
