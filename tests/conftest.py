@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,11 @@ def images() -> list[Image.Image]:
 
 
 PROMPTS = ["caption en", "detect house ; car", "answer en what is on the table?"]
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`paligemma-edge ARGS…` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "paligemma_edge.cli", *map(str, args)], capture_output=True, text=True)
 
 
 def load_hf(checkpoint: Path):

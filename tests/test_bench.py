@@ -4,14 +4,14 @@ assertions) and the full-size random-checkpoint generator on a scaled-down prese
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from paligemma_edge.export.full_size import BASE_VOCAB, HF_VOCAB, PRESETS, make_full_size_checkpoint
 from paligemma_edge.export.random_checkpoint import TinySpec
+
+from .conftest import run_cli
 
 STAGE_FIELDS = {
     "load_s",
@@ -29,29 +29,22 @@ STAGE_FIELDS = {
 
 def test_bench_cli_smoke(exports, tmp_path):
     report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "paligemma_edge.cli",
-            "bench",
-            str(exports["pg1"].export_dir),
-            str(exports["pg2"].export_dir),
-            "--new-tokens",
-            "6",
-            "--repeat",
-            "1",
-            "--baseline-hf",
-            str(exports["pg1"].checkpoint),
-            "--hf-dtypes",
-            "fp32",
-            "--json",
-            str(report_path),
-            "--plot",
-            str(plot_path),
-        ],
-        capture_output=True,
-        text=True,
+    out = run_cli(
+        "bench",
+        str(exports["pg1"].export_dir),
+        str(exports["pg2"].export_dir),
+        "--new-tokens",
+        "6",
+        "--repeat",
+        "1",
+        "--baseline-hf",
+        str(exports["pg1"].checkpoint),
+        "--hf-dtypes",
+        "fp32",
+        "--json",
+        str(report_path),
+        "--plot",
+        str(plot_path),
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(report_path.read_text())

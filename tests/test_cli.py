@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from paligemma_edge import PaliGemma
 
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "paligemma_edge.cli", *args], capture_output=True, text=True)
+from .conftest import run_cli
 
 
 def test_run_json_matches_api(exports, images, tmp_path):
     image = tmp_path / "i.png"
     images[0].save(image)
     export_dir = exports["pg2"].export_dir
-    out = cli(
+    out = run_cli(
         "run",
         str(export_dir),
         "--image",
@@ -37,12 +33,12 @@ def test_run_json_matches_api(exports, images, tmp_path):
 
 
 def test_info(exports):
-    out = cli("info", str(exports["pg1"].export_dir))
+    out = run_cli("info", str(exports["pg1"].export_dir))
     assert out.returncode == 0 and "verification: passed" in out.stdout
-    as_json = json.loads(cli("info", str(exports["pg1"].export_dir), "--json").stdout)
+    as_json = json.loads(run_cli("info", str(exports["pg1"].export_dir), "--json").stdout)
     assert as_json["tokens"]["eos"] == [1]
 
 
 def test_errors_exit_2_with_message(tmp_path):
-    out = cli("run", str(tmp_path / "missing"), "--image", "x.png", "--prompt", "caption en")
+    out = run_cli("run", str(tmp_path / "missing"), "--image", "x.png", "--prompt", "caption en")
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr

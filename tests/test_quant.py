@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -19,6 +17,8 @@ from paligemma_edge.quant.compare import compare_exports, default_images, logit_
 from paligemma_edge.quant.quantize import quantize_export
 from paligemma_edge.quant.recipes import RECIPES, Recipe, get_recipe
 from paligemma_edge.runtime.manifest import load_manifest
+
+from .conftest import run_cli
 
 
 def graph_ops(path) -> dict[str, int]:
@@ -169,22 +169,15 @@ def test_compare_cli_table_json_and_manifest(quantized, exports, tmp_path):
     images_dir.mkdir()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(images_dir / "red.png")
     (tmp_path / "prompts.txt").write_text("# one per line\ncaption en\ndetect car\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "paligemma_edge.cli",
-            "compare",
-            str(exports["pg1"].export_dir),
-            str(quantized["int4"]["dir"]),
-            "--images",
-            str(images_dir),
-            "--prompts",
-            str(tmp_path / "prompts.txt"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    out = run_cli(
+        "compare",
+        str(exports["pg1"].export_dir),
+        str(quantized["int4"]["dir"]),
+        "--images",
+        str(images_dir),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--json",
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -210,21 +203,7 @@ def test_sweep_reports_each_component(exports, tmp_path):
 
 
 def test_export_with_quant_flag(exports, tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "paligemma_edge.cli",
-            "export",
-            str(exports["pg1"].checkpoint),
-            str(tmp_path / "q"),
-            "--quant",
-            "int4",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = run_cli("export", str(exports["pg1"].checkpoint), str(tmp_path / "q"), "--quant", "int4", "--json")
     assert out.returncode == 0, out.stderr
     manifest = load_manifest(tmp_path / "q").data
     assert manifest["quantization"]["recipe"]["name"] == "int4"

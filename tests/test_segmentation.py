@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,8 @@ from paligemma_edge.runtime.draw import draw_objects
 from paligemma_edge.runtime.errors import MaskDecoderError
 from paligemma_edge.runtime.outputs import DetectedObject, non_max_suppression, rle_to_mask
 from paligemma_edge.runtime.segmentation import MaskDecoder, paste_mask
+
+from .conftest import run_cli
 
 
 def write_vae_npz(path, dim: int = 512, res_hidden: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
@@ -213,23 +213,16 @@ def test_cli_draw_writes_png(scripted, images, tmp_path):
     root, _ = scripted
     image_path, drawn = tmp_path / "in.png", tmp_path / "drawn.png"
     images[0].save(image_path)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "paligemma_edge.cli",
-            "run",
-            str(root / "export"),
-            "--image",
-            str(image_path),
-            "--prompt",
-            "segment car",
-            "--draw",
-            str(drawn),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    out = run_cli(
+        "run",
+        str(root / "export"),
+        "--image",
+        str(image_path),
+        "--prompt",
+        "segment car",
+        "--draw",
+        str(drawn),
+        "--json",
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
