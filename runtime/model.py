@@ -55,8 +55,11 @@ class _Sequence:
         self.valid = np.concatenate([self.valid, valid], axis=1)
 
 
-def _session(path: Path, providers: list | None, threads: int | None, prepack: bool) -> ort.InferenceSession:
+def _session(
+    path: Path, providers: list | None, threads: int | None, prepack: bool, memory_arena: bool = True
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = memory_arena
     if threads:
         options.intra_op_num_threads = threads
     if not prepack:
@@ -105,14 +108,20 @@ class PaliGemma:
         providers: list | None = None,
         threads: int | None = None,
         verify_checksums: bool = True,
+        memory_arena: bool = True,
     ) -> PaliGemma:
-        """Open an export directory made by `paligemma-edge export`."""
+        """Open an export directory made by `paligemma-edge export`.
+
+        ``memory_arena=False`` returns onnxruntime's activation memory to the OS after each call: at 896 px
+        the prefill's peak RSS drops (int4: 8.0 → 6.3 GB) for ~15 % slower prefill and decode steps.
+        """
         manifest = load_manifest(path)
         manifest.verify_files(checksums=verify_checksums)
-        vision = _session(manifest.path(manifest.graph("vision")["file"]), providers, threads, prepack=True)
+        arena = memory_arena
+        vision = _session(manifest.path(manifest.graph("vision")["file"]), providers, threads, True, arena)
         decoder_graph = manifest.graph("decoder")
         tied = decoder_graph.get("tied_table", True)  # quantized LM heads need prepacking, tied tables must avoid it
-        decoder = _session(manifest.path(decoder_graph["file"]), providers, threads, prepack=not tied)
+        decoder = _session(manifest.path(decoder_graph["file"]), providers, threads, not tied, arena)
         try:
             tokenizer = Tokenizer.from_file(str(manifest.path(manifest.data["tokenizer"])))
         except Exception as error:
