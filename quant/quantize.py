@@ -197,7 +197,7 @@ def quantize_decoder(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
         untie_embeddings(model, recipe.embeddings)
     if recipe.decoder == "int4":
         model = _matmul_nbits(model, 4, recipe, include=None, exclude=[head_name])
-    elif recipe.decoder == "int8":  # 8-bit MatMulNBits: quantize_dynamic needs > 24 GB for a 3B decoder
+    elif recipe.decoder == "int8":  # 8-bit MatMulNBits: quantize_dynamic was OOM-killed on a 3B decoder (24 GiB)
         model = _matmul_nbits(model, 8, recipe, include=None, exclude=[head_name])
     if recipe.lm_head == "int4":
         model = _matmul_nbits(model, 4, recipe, include=[head_name], exclude=None)
