@@ -252,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=spec.DEFAULT_MAX_NEW_TOKENS)
     run.add_argument("--threads", type=int, default=None)
     run.add_argument("--no-verify-checksums", action="store_true", help="skip sha256 of the export's files")
-    run.add_argument("--divisor", type=float, default=spec.LOC_DIVISOR_HF, help="<loc> bin divisor: 1024 or 1023")
+    run.add_argument(
+        "--divisor",
+        type=float,
+        default=spec.LOC_DIVISOR_HF,
+        help=f"<loc> bin divisor: {spec.LOC_DIVISOR_HF} (HF Space, default) or {spec.LOC_DIVISOR_BIG_VISION} (big_vision)",
+    )
     run.add_argument("--iou-threshold", type=float, default=None, help="per-label NMS of detected boxes")
     run.add_argument("--draw", type=Path, default=None, help="write the image with boxes/masks to this PNG")
     run.add_argument("--json", action="store_true")
