@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--divisor",
         type=float,
         default=spec.LOC_DIVISOR_HF,
-        help=f"<loc> bin divisor: {spec.LOC_DIVISOR_HF} (HF Space, default) or {spec.LOC_DIVISOR_BIG_VISION} (big_vision)",
+        help=f"<loc> bin divisor: {spec.LOC_DIVISOR_HF} (HF Space, default) or {spec.LOC_DIVISOR_BIG_VISION} "
+        "(big_vision)",
     )
     run.add_argument("--iou-threshold", type=float, default=None, help="per-label NMS of detected boxes")
     run.add_argument("--draw", type=Path, default=None, help="write the image with boxes/masks to this PNG")
