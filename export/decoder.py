@@ -3,7 +3,8 @@
 It reuses the Hugging Face layers' own submodules (norms, projections, MLP, rotary embedding)
 so every number is computed the transformers way, and replaces only what tracing handles badly:
 the Cache object and mask construction. Masks come in as boolean inputs built by the runtime
-(`paligemma_edge.runtime.masks`), so no mask or length is baked into the graph.
+(`paligemma_edge.runtime.masks`), so no mask or length is baked into the graph. The cache is a
+buffer the graph only reads; it returns the new tokens' keys/values (see `attention`).
 
 The 257k-row embedding table lives once, transposed to [hidden, vocab]: the LM head is
 `hidden @ table` (a MatMul that the quantization tools understand) and the embedding lookup is
@@ -25,11 +26,12 @@ def cache_input_names(num_layers: int) -> list[str]:
 
 
 def cache_output_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    """The new tokens' keys/values only (not past + new): the runtime appends them to its buffer."""
+    return [f"new.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 class ExportableDecoder(nn.Module):
-    """(ids, image embeds, positions, masks, past KV) → (selected logits, present KV)."""
+    """(ids, image embeds, positions, masks, KV buffers) → (selected logits, new tokens' KV)."""
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
@@ -68,8 +70,14 @@ class ExportableDecoder(nn.Module):
         return torch.where(is_image.unsqueeze(-1), image_embeds.to(text.dtype), text)
 
     def attention(self, layer, hidden, cos, sin, mask, past_key, past_value):
-        """Grouped-query attention without repeating K/V: the query heads that share a KV head are
-        folded into its rows, so a decode step never copies the cache per query head (8× for MQA)."""
+        """Grouped-query attention over (cache buffer, new tokens) → (output, new key, new value).
+
+        The query heads that share a KV head are folded into its rows, so nothing is repeated per
+        query head (8× for MQA). The cache is never concatenated: scores against the past buffer and
+        against the new keys are joined (a [.., Q, past] + [.., Q, Q] copy, tiny when decoding) and
+        only the new keys/values are returned, for the runtime to write into its buffer in place.
+        The mask covers [buffer slots..., new tokens...]; unwritten buffer slots are masked out.
+        """
         attn = layer.self_attn
         batch, seq, _ = hidden.shape
         groups = attn.num_key_value_groups
@@ -78,18 +86,19 @@ class ExportableDecoder(nn.Module):
         key = attn.k_proj(hidden).view(shape).transpose(1, 2)
         value = attn.v_proj(hidden).view(shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        key = torch.cat([past_key, key], dim=2)
-        value = torch.cat([past_value, value], dim=2)
-        kv_heads, total = key.shape[1], key.shape[2]
+        kv_heads, past = key.shape[1], past_key.shape[2]
         grouped = query.reshape(batch, kv_heads, groups * seq, attn.head_dim)  # head h = kv·groups + g
-        scores = grouped @ key.transpose(2, 3) * attn.scaling
+        scores = torch.cat([grouped @ past_key.transpose(2, 3), grouped @ key.transpose(2, 3)], dim=-1)
+        scores = scores * attn.scaling
         softcap = getattr(attn, "attn_logit_softcapping", None)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
+        total = scores.shape[-1]
         scores = scores.view(batch, kv_heads, groups, seq, total)
         scores = torch.where(mask.unsqueeze(2), scores, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        out = weights.view(batch, kv_heads, groups * seq, total) @ value
+        weights = weights.view(batch, kv_heads, groups * seq, total)
+        out = weights[..., :past] @ past_value + weights[..., past:] @ value
         out = out.view(batch, -1, seq, attn.head_dim).transpose(1, 2)
         return attn.o_proj(out.reshape(batch, seq, -1)), key, value
 

@@ -30,7 +30,42 @@ from .recipes import Recipe
 FP16_OPS = {"MatMul": (0,), "Gemm": (0,), "Conv": (0,), "Gather": ()}  # op → activation inputs to cast
 
 
+def load_lazily(path: Path) -> onnx.ModelProto:
+    """A graph whose weights stay on disk: external initializers point at their data file by absolute path,
+    and whoever reads one (`_array`, onnxruntime's quantizer via onnx_ir) memory-maps just that tensor.
+    So quantizing never holds the fp32 decoder (10 GB) in memory, only the tensor at hand and the results."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in _on_disk(model):
+        location = next(entry for entry in tensor.external_data if entry.key == "location")
+        location.value = str((path.parent / location.value).resolve())
+    return model
+
+
+def _on_disk(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [tensor for tensor in model.graph.initializer if tensor.data_location == TensorProto.EXTERNAL]
+
+
+def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer as numpy; a read-only memory map when it lives on disk (see `load_lazily`)."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    offset = int(info.get("offset", 0))
+    return np.memmap(info["location"], dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
+
+
+def _read_into_memory(model: onnx.ModelProto) -> None:
+    """Load the weights still on disk (the unquantized rest), so the model can be saved elsewhere."""
+    for tensor in _on_disk(model):
+        data = np.ascontiguousarray(_array(tensor)).tobytes()
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+        tensor.raw_data = data
+
+
 def _save(model: onnx.ModelProto, path: Path) -> None:
+    _read_into_memory(model)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save_model(
@@ -59,11 +94,11 @@ _ROWS_PER_CHUNK = 16384  # embedding rows converted at a time: a few temporaries
 
 
 def _table_view(table: onnx.TensorProto) -> np.ndarray:
-    """The [hidden, vocab] table as a zero-copy view of the protobuf's bytes."""
-    dtype = np.float16 if table.data_type == TensorProto.FLOAT16 else np.float32
-    if table.raw_data:
+    """The [hidden, vocab] table without a copy: a memory map, or a view of the protobuf's bytes."""
+    if table.data_location != TensorProto.EXTERNAL and table.raw_data:
+        dtype = helper.tensor_dtype_to_np_dtype(table.data_type)
         return np.frombuffer(table.raw_data, dtype=dtype).reshape(tuple(table.dims))
-    return numpy_helper.to_array(table)
+    return _array(table)
 
 
 def _rows_int8(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,9 +203,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         for name in weights:
             if name not in halved:
-                inits[name].CopyFrom(
-                    numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16), name)
-                )
+                inits[name].CopyFrom(numpy_helper.from_array(_array(inits[name]).astype(np.float16), name))
                 halved.add(name)
         for index in FP16_OPS[node.op_type]:
             source = node.input[index]
@@ -237,7 +270,7 @@ def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe) -> 
             for suffix in ("", ".data"):
                 shutil.copyfile(source.path(file + suffix), out / (file + suffix))
             continue
-        _save(function(onnx.load(str(source.path(file))), recipe), out / file)
+        _save(function(load_lazily(source.path(file)), recipe), out / file)
         _return_freed_memory()
         graphs[name]["dtype"] = precision
     graphs["decoder"]["tied_table"] = recipe.tied

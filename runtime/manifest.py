@@ -14,7 +14,7 @@ from .errors import ChecksumMismatchError, CorruptExportError, ExportNotFoundErr
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "paligemma-edge"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: the decoder reads a KV buffer and returns only the new tokens' keys/values
 _HASH_CHUNK = 16 * 1024 * 1024
 
 
@@ -174,6 +174,11 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise CorruptExportError(
             f"{path} is format {data['format']!r} v{data.get('format_version')}; this paligemma-edge reads "
             f"{FORMAT_NAME!r} up to v{FORMAT_VERSION}. Upgrade paligemma-edge or re-export."
+        )
+    if data.get("format_version", 0) < FORMAT_VERSION:
+        raise CorruptExportError(
+            f"{path} is {FORMAT_NAME!r} v{data.get('format_version')}, made by an older paligemma-edge whose decoder "
+            f"graph has another KV-cache interface; re-run the export (this version reads v{FORMAT_VERSION})."
         )
     return Manifest(directory=directory, data=data)
 

@@ -40,6 +40,17 @@ def restrict_to_window(mask: np.ndarray, positions: np.ndarray, mask_ar: np.ndar
     return mask & (in_window | both_prefix)[:, None]
 
 
+def place_in_buffer(mask: np.ndarray, capacity: int) -> np.ndarray:
+    """[B, 1, Q, past + Q] → [B, 1, Q, capacity + Q]: the keys as the decoder graph sees them, the KV
+    buffer's slots (those from ``past`` on not written yet, hence hidden) followed by the Q new tokens."""
+    num_queries = mask.shape[2]
+    past = mask.shape[3] - num_queries
+    placed = np.zeros((*mask.shape[:3], capacity + num_queries), dtype=bool)
+    placed[..., :past] = mask[..., :past]
+    placed[..., capacity:] = mask[..., past:]
+    return placed
+
+
 def positions_from_valid(valid: np.ndarray) -> np.ndarray:
     """1-indexed positions that skip padding (transformers' PaliGemma convention, spec §3.5)."""
     return np.where(valid, np.cumsum(valid, axis=1), 1).astype(np.int64)

@@ -15,7 +15,7 @@ from .cache import KVCache
 from .errors import CorruptExportError, GenerationError, ImageError, PromptError
 from .images import ImageInput, load_image, preprocess
 from .manifest import Manifest, load_manifest
-from .masks import make_attn_mask, positions_from_valid, restrict_to_window
+from .masks import make_attn_mask, place_in_buffer, positions_from_valid, restrict_to_window
 from .outputs import ParsedOutput, non_max_suppression, parse_output
 from .segmentation import HOW_TO_ADD, MaskDecoder, paste_mask
 
@@ -180,15 +180,14 @@ class PaliGemma:
             "image_embeds": embeds,
             "position_ids": seq.positions[:, -num_queries:],
             "logits_positions": logits_positions.astype(np.int64),
-            "attention_mask": mask,
+            "attention_mask": place_in_buffer(mask, cache.capacity),
             **cache.feeds(),
         }
         if self._has_sliding:
-            feeds["sliding_attention_mask"] = restrict_to_window(
-                mask, seq.positions, seq.mask_ar, int(self.sliding_window)
-            )
-        logits, *presents = self.decoder.run(None, feeds)
-        cache.update(presents)
+            window = restrict_to_window(mask, seq.positions, seq.mask_ar, int(self.sliding_window))
+            feeds["sliding_attention_mask"] = place_in_buffer(window, cache.capacity)
+        logits, *new_keys_values = self.decoder.run(None, feeds)
+        cache.append(new_keys_values)
         return logits
 
     def _prefill(

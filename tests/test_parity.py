@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from paligemma_edge import PaliGemma
+from paligemma_edge.runtime.cache import CAPACITY_BLOCK
 from paligemma_edge.runtime.images import load_image, preprocess
 
 from .conftest import PROMPTS, hf_generate, load_hf
@@ -44,6 +45,15 @@ def test_greedy_tokens_equal_transformers(exported, hf_cache, images):
             assert got.text == processor.decode(expected, skip_special_tokens=True)
             varied.update(expected)
     assert len(varied) > 20, "the random model must not emit one token forever"
+
+
+def test_generation_across_cache_growth_equals_transformers(exported, hf_cache, images):
+    """More new tokens than a cache block: the KV buffer grows mid-generation, tokens still equal."""
+    model, processor = hf_cache(exported)
+    steps = CAPACITY_BLOCK + 16
+    expected = hf_generate(model, processor, [images[1]], ["caption en"], steps)[0]
+    assert len(expected) > CAPACITY_BLOCK, "no eos before the buffer grows, or the test proves nothing"
+    assert PaliGemma.load(exported.export_dir).generate(images[1], "caption en", steps).token_ids == expected
 
 
 def test_batched_equals_single_and_transformers(exported, hf_cache, images):
