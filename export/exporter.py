@@ -15,7 +15,7 @@ from ..runtime import errors, spec
 from ..runtime.errors import CheckpointError, PaliGemmaEdgeError
 from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, checksum_files, load_manifest, sha256_file, write_manifest
 from .checkpoint import load_checkpoint, resolve_checkpoint
-from .graphs import OPSET, export_decoder, export_vision
+from .graphs import export_decoder, export_vision, opset_for
 from .random_checkpoint import RANDOM_MARKER
 from .seg_decoder import write_mask_decoder
 from .verify import Reference, raise_if_failed, transformers_reference, verify_export
@@ -88,7 +88,6 @@ def _versions() -> dict:
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "opset": OPSET,
     }
 
 
@@ -174,7 +173,7 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
             "sliding_window_rule": (
                 "transformers: sliding layers see keys < window positions back; prefix pairs always see each other"
             ),
-            "versions": _versions(),
+            "versions": {**_versions(), "opset": opset_for(hf_model.dtype)},
         }
         manifest["files"] = checksum_files(out, files)
         write_manifest(out, manifest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -158,6 +159,8 @@ def _matmul_nbits(
 ) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # it configures INFO logging on import and logs every node it skips (thousands of lines)
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(
         model,
         bits=bits,

@@ -56,7 +56,7 @@ def test_bench_cli_smoke(exports, tmp_path):
     assert len(onnx_results) == 2 and len(hf_results) == 1
     for result in report["results"]:
         assert set(result) >= STAGE_FIELDS
-        assert all(result[key] > 0 for key in STAGE_FIELDS - {"memory"})
+        assert all(result[key] > 0 for key in STAGE_FIELDS - {"memory"}), result
         assert {"start", "after_load", "after_vision", "after_decode", "peak"} <= set(result["memory"])
         assert result["memory"]["peak"] >= result["memory"]["after_load"] > 0
     for result in onnx_results:
