@@ -22,6 +22,8 @@ OPSET_FP16 = 18
 
 def opset_for(dtype: torch.dtype) -> int:
     return OPSET if dtype == torch.float32 else OPSET_FP16
+
+
 DECODER_INPUTS = ["input_ids", "image_embeds", "position_ids", "logits_positions", GLOBAL_MASK]
 
 

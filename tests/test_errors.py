@@ -56,6 +56,15 @@ def test_manifest_missing_keys(export_copy):
         PaliGemma.load(export_copy)
 
 
+@pytest.mark.parametrize(("version", "message"), [(1, "older paligemma-edge"), (99, "Upgrade paligemma-edge")])
+def test_manifest_format_version_outside_what_this_version_reads(export_copy, version, message):
+    data = json.loads((export_copy / "manifest.json").read_text())
+    data["format_version"] = version
+    (export_copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CorruptExportError, match=message):
+        PaliGemma.load(export_copy)
+
+
 def test_checksum_mismatch_same_size(export_copy):
     data_file = export_copy / "decoder.onnx.data"
     raw = bytearray(data_file.read_bytes())
