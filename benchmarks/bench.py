@@ -94,6 +94,7 @@ def bench_export(
             "decode_bytes_per_token": weights + kv_bytes,
             "decode_tok_s_limit": decode_limit,
             "decode_fraction": result["decode_tok_s"] / decode_limit,
+            "decode_gbs": result["decode_tok_s"] * (weights + kv_bytes) / 1e9,  # what the decode streams
             "vision_s_limit": costs["vision_flops"] / gflops,
             "vision_fraction": costs["vision_flops"] / gflops / result["vision_s"],
             "prefill_s_limit": prefill_flops(manifest, costs, prompt_tokens) / gflops,
@@ -149,16 +150,18 @@ def table(report: dict) -> str:
         f"{m['cpu']} · {m['threads']} threads · {m['ram_gb']} GB · onnxruntime {m['onnxruntime']} · "
         f"bandwidth {m['bandwidth_gbs']} GB/s · matmul {m['matmul_gflops']} GFLOP/s",
         f"{'target':<34} {'backend':<12} {'prec':<6} {'load s':>7} {'vision s':>8} {'prefill s':>9} "
-        f"{'TTFT s':>7} {'tok/s':>7} {'step ms 1st/last':>17} {'peak GB':>7} {'disk GB':>7} {'roof %':>6}",
+        f"{'TTFT s':>7} {'tok/s':>7} {'step ms 1st/last':>17} {'peak GB':>7} {'disk GB':>7} {'roof %':>6} {'GB/s':>5}",
     ]
     for r in report["results"]:
         roof = r.get("roofline", {}).get("decode_fraction")
+        streamed = r.get("roofline", {}).get("decode_gbs")
         disk = r.get("bytes_on_disk")
         lines.append(
             f"{Path(r['target']).name[:34]:<34} {r['backend'][:12]:<12} {r['precision']:<6} {r['load_s']:7.2f} "
             f"{r['vision_s']:8.3f} {r['prefill_s']:9.3f} {r['ttft_s']:7.3f} {r['decode_tok_s']:7.2f} "
             f"{r['step_ms_first']:8.1f}/{r['step_ms_last']:<8.1f} {r['memory']['peak'] / 1e9:7.2f} "
-            f"{'' if disk is None else f'{disk / 1e9:7.2f}':>7} {'' if roof is None else f'{100 * roof:5.1f}%':>6}"
+            f"{'' if disk is None else f'{disk / 1e9:7.2f}':>7} {'' if roof is None else f'{100 * roof:5.1f}%':>6} "
+            f"{'' if streamed is None else f'{streamed:5.1f}':>5}"
         )
     for r in report["results"]:
         if "vs_transformers_fp32" in r:
