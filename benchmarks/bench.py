@@ -2,7 +2,9 @@
 
 Each target runs in its own subprocess (benchmarks/worker.py) so its peak RSS is its own; timings
 are medians over ``repeat`` runs after one warm-up; EOS is ignored so every run decodes exactly
-``new_tokens`` tokens.
+``new_tokens`` tokens. With ``rounds`` > 1 the targets are measured round-robin, each round in fresh
+processes, and the medians of the rounds are reported: on a shared machine whose speed drifts by tens
+of percent within minutes, this spreads the drift over every target instead of landing on one.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 import onnx
+from tqdm.auto import tqdm
 
 from ..runtime.manifest import load_manifest
 from .machine import machine_info, roofline
+from .worker import STAGES
 
 KV_BYTES_PER_VALUE = 4  # the runtime keeps the cache in fp32
 
@@ -69,11 +74,20 @@ def _run_worker(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_export(
-    export_dir: Path, image: Path, prompt: str, new_tokens: int, repeat: int, threads: int | None, machine: dict
-) -> dict:
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One target's worker results from several rounds: timings → median of the rounds, peak RSS → max."""
+    merged = dict(rounds[0])
+    if len(rounds) > 1:
+        for key in ("load_s", *STAGES):
+            merged[key] = median(r[key] for r in rounds)
+        merged["memory"] = {**rounds[0]["memory"], "peak": max(r["memory"]["peak"] for r in rounds)}
+        merged["rounds"] = [{key: r[key] for key in ("load_s", *STAGES)} for r in rounds]
+    return merged
+
+
+def describe_export(export_dir: Path, result: dict, new_tokens: int, machine: dict) -> dict:
+    """Add what the export is, its size and its roofline to a worker's measurements."""
     manifest = load_manifest(export_dir).data
-    result = _run_worker(["onnx", export_dir, image, prompt, new_tokens, repeat, threads or 0])
     costs = model_costs(manifest)
     weights = _weight_bytes(export_dir / manifest["graphs"]["decoder"]["file"])
     mean_context = result["context_tokens"] - new_tokens / 2
@@ -104,14 +118,6 @@ def bench_export(
     return result
 
 
-def bench_transformers(
-    checkpoint: Path, image: Path, prompt: str, new_tokens: int, repeat: int, threads: int | None, dtype: str
-) -> dict:
-    result = _run_worker(["hf", checkpoint, image, prompt, new_tokens, repeat, threads or 0, dtype])
-    result.update(target=str(checkpoint), backend="transformers-eager", precision=dtype)
-    return result
-
-
 def run_bench(
     dirs: list[Path],
     image: Path,
@@ -121,14 +127,29 @@ def run_bench(
     threads: int | None = None,
     baseline_hf: Path | None = None,
     hf_dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    rounds: int = 1,
 ) -> dict:
     machine = {**machine_info(threads), **roofline(threads)}
-    results = [bench_export(Path(d), image, prompt, new_tokens, repeat, threads, machine) for d in dirs]
-    baselines = (
-        [bench_transformers(baseline_hf, image, prompt, new_tokens, repeat, threads, dtype) for dtype in hf_dtypes]
-        if baseline_hf
-        else []
-    )
+    common = [image, prompt, new_tokens, repeat, threads or 0]
+    jobs = [["onnx", Path(d), *common] for d in dirs]
+    jobs += [["hf", baseline_hf, *common, dtype] for dtype in hf_dtypes] if baseline_hf else []
+    measured: list[list[dict]] = [[] for _ in jobs]
+    with tqdm(total=rounds * len(jobs), desc="bench", unit="target") as bar:
+        for _ in range(rounds):
+            for job, runs in zip(jobs, measured):
+                bar.set_postfix_str(f"{Path(job[1]).name} {job[-1] if job[0] == 'hf' else ''}".strip())
+                runs.append(_run_worker(job))
+                bar.update()
+    results = [
+        describe_export(job[1], merge_rounds(runs), new_tokens, machine)
+        for job, runs in zip(jobs, measured)
+        if job[0] == "onnx"
+    ]
+    baselines = [
+        {**merge_rounds(runs), "target": str(job[1]), "backend": "transformers-eager", "precision": job[-1]}
+        for job, runs in zip(jobs, measured)
+        if job[0] == "hf"
+    ]
     reference = next((b for b in baselines if b["precision"] == "fp32"), None)
     if reference:
         for result in results:
@@ -139,7 +160,13 @@ def run_bench(
             }
     return {
         "machine": machine,
-        "settings": {"prompt": prompt, "new_tokens": new_tokens, "repeat": repeat, "image": str(image)},
+        "settings": {
+            "prompt": prompt,
+            "new_tokens": new_tokens,
+            "repeat": repeat,
+            "rounds": rounds,
+            "image": str(image),
+        },
         "results": results + baselines,
     }
 

@@ -188,6 +188,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.threads,
         args.baseline_hf,
         tuple(args.hf_dtypes.split(",")) if args.hf_dtypes else (),
+        args.rounds,
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -281,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="latency, memory and roofline per export, against transformers")
     bench.add_argument("export_dirs", type=Path, nargs="+")
     bench.add_argument("--new-tokens", type=int, default=32)
-    bench.add_argument("--repeat", type=int, default=3)
+    bench.add_argument("--repeat", type=int, default=3, help="measured runs per process, after a warm-up")
+    bench.add_argument(
+        "--rounds", type=int, default=1, help="measure all targets this many times round-robin; report the medians"
+    )
     bench.add_argument("--prompt", default="caption en")
     bench.add_argument("--image", type=Path, default=None, help="default: the bundled demo image")
     bench.add_argument("--threads", type=int, default=None)

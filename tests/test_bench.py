@@ -37,6 +37,8 @@ def test_bench_cli_smoke(exports, tmp_path):
         "6",
         "--repeat",
         "1",
+        "--rounds",
+        "2",
         "--baseline-hf",
         str(exports["pg1"].checkpoint),
         "--hf-dtypes",
@@ -59,6 +61,8 @@ def test_bench_cli_smoke(exports, tmp_path):
         assert all(result[key] > 0 for key in STAGE_FIELDS - {"memory"}), result
         assert {"start", "after_load", "after_vision", "after_decode", "peak"} <= set(result["memory"])
         assert result["memory"]["peak"] >= result["memory"]["after_load"] > 0
+        assert len(result["rounds"]) == 2  # round-robin: each target measured twice, medians reported
+        assert min(r["decode_tok_s"] for r in result["rounds"]) <= result["decode_tok_s"]
     for result in onnx_results:
         assert result["bytes_on_disk"] > 0
         roof = result["roofline"]
