@@ -5,7 +5,8 @@
 # Needs ~30 GB of disk per preset; long steps show progress.
 # Usage: benchmarks/run_published.sh [PRESET ...]   (default: paligemma-3b-224)
 # Environment: RECIPES (default "int8 int4"), BENCH (exports to bench, default "fp32 int8 int4"),
-#   HF (transformers baselines, default "fp32,bf16"; empty: none), REPEAT (default 3),
+#   HF (transformers baselines, default "fp32,bf16"; empty: none), REPEAT (runs per process, default 3),
+#   ROUNDS (round-robin passes over all targets, default 1; the published 224 px tables use 3),
 #   DATA (default ../bench_data), CLEAN=1 deletes the checkpoint and fp32 export once benchmarked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ for preset in "${@:-paligemma-3b-224}"; do
   done
   dirs=(); for precision in $BENCH; do dirs+=("$DATA/$preset-$precision"); done
   baseline=(); [ -n "$HF" ] && baseline=(--baseline-hf "$hf" --hf-dtypes "$HF")
-  $PE bench "${dirs[@]}" --new-tokens 32 --repeat "${REPEAT:-3}" "${baseline[@]}" \
+  $PE bench "${dirs[@]}" --new-tokens 32 --repeat "${REPEAT:-3}" --rounds "${ROUNDS:-1}" "${baseline[@]}" \
     --json "$OUT/$preset.json" --plot "$OUT/$preset.png"
   if [ "${CLEAN:-0}" = 1 ]; then rm -rf "$hf" "$DATA/$preset-fp32"; fi
 done
