@@ -13,9 +13,9 @@ import torch
 from .decoder import GLOBAL_MASK, SLIDING_MASK, ExportableDecoder, cache_input_names, cache_output_names
 from .vision import ExportableVision
 
-# opset 23: the exporter's rewriter emits RMSNormalization, RotaryEmbedding and Gelu(tanh) as single ops (a third
-# of the decoder's nodes; per-node overhead is a tenth of a decode step). Not for torch-fp16 graphs: Gemma's norm
-# then becomes RMSNormalization(fp16 input, fp32 scale), which onnxruntime rejects; those keep opset 18.
+# opset 23: the exporter's rewriter emits RMSNormalization, RotaryEmbedding and Gelu(tanh) as single ops (PaliGemma2
+# decoder: 2,343 → 1,318 nodes). Not for torch-fp16 graphs: Gemma's norm then becomes RMSNormalization(fp16 input,
+# fp32 scale), which onnxruntime rejects; those keep opset 18.
 OPSET = 23
 OPSET_FP16 = 18
 

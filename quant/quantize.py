@@ -33,7 +33,7 @@ FP16_OPS = {"MatMul": (0,), "Gemm": (0,), "Conv": (0,), "Gather": ()}  # op → 
 
 def load_lazily(path: Path) -> onnx.ModelProto:
     """A graph whose weights stay on disk: external initializers point at their data file by absolute path,
-    and whoever reads one (`_array`, onnxruntime's quantizer via onnx_ir) memory-maps just that tensor.
+    and whoever reads one (`read_tensor`, onnxruntime's quantizer via onnx_ir) memory-maps just that tensor.
     So quantizing never holds the fp32 decoder (10 GB) in memory, only the tensor at hand and the results."""
     model = onnx.load(str(path), load_external_data=False)
     for tensor in _on_disk(model):
@@ -46,7 +46,7 @@ def _on_disk(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [tensor for tensor in model.graph.initializer if tensor.data_location == TensorProto.EXTERNAL]
 
 
-def _array(tensor: onnx.TensorProto) -> np.ndarray:
+def read_tensor(tensor: onnx.TensorProto) -> np.ndarray:
     """An initializer as numpy; a read-only memory map when it lives on disk (see `load_lazily`)."""
     if tensor.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(tensor)
@@ -59,7 +59,7 @@ def _array(tensor: onnx.TensorProto) -> np.ndarray:
 def _read_into_memory(model: onnx.ModelProto) -> None:
     """Load the weights still on disk (the unquantized rest), so the model can be saved elsewhere."""
     for tensor in _on_disk(model):
-        data = np.ascontiguousarray(_array(tensor)).tobytes()
+        data = np.ascontiguousarray(read_tensor(tensor)).tobytes()
         del tensor.external_data[:]
         tensor.data_location = TensorProto.DEFAULT
         tensor.raw_data = data
@@ -99,7 +99,7 @@ def _table_view(table: onnx.TensorProto) -> np.ndarray:
     if table.data_location != TensorProto.EXTERNAL and table.raw_data:
         dtype = helper.tensor_dtype_to_np_dtype(table.data_type)
         return np.frombuffer(table.raw_data, dtype=dtype).reshape(tuple(table.dims))
-    return _array(table)
+    return read_tensor(table)
 
 
 def _rows_int8(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +206,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         for name in weights:
             if name not in halved:
-                inits[name].CopyFrom(numpy_helper.from_array(_array(inits[name]).astype(np.float16), name))
+                inits[name].CopyFrom(numpy_helper.from_array(read_tensor(inits[name]).astype(np.float16), name))
                 halved.add(name)
         for index in FP16_OPS[node.op_type]:
             source = node.input[index]

@@ -14,7 +14,7 @@ from paligemma_edge import PaliGemma
 from paligemma_edge.export.exporter import ExportSettings, export_model
 from paligemma_edge.export.random_checkpoint import TinySpec, _build, _save
 from paligemma_edge.quant.compare import compare_exports, default_images, logit_metrics
-from paligemma_edge.quant.quantize import quantize_export
+from paligemma_edge.quant.quantize import load_lazily, quantize_export, read_tensor
 from paligemma_edge.quant.recipes import RECIPES, Recipe, get_recipe
 from paligemma_edge.runtime.manifest import load_manifest
 
@@ -54,6 +54,25 @@ def test_every_recipe_loads_and_generates(quantized, name, images):
     recipe = get_recipe(name)
     assert manifest["graphs"]["vision"]["dtype"] == recipe.vision
     assert manifest["graphs"]["decoder"]["dtype"] == recipe.decoder
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_quantized_graphs_stand_alone(quantized, name):
+    """Weights are read lazily from the source export by absolute path; none may stay pointing there."""
+    for graph in ("vision.onnx", "decoder.onnx"):
+        model = onnx.load(str(quantized[name]["dir"] / graph), load_external_data=False)
+        entries = [entry for tensor in model.graph.initializer for entry in tensor.external_data]
+        locations = {entry.value for entry in entries if entry.key == "location"}
+        assert locations <= {graph + ".data"}, locations
+
+
+def test_lazy_load_leaves_weights_on_disk(exports):
+    path = exports["pg1"].export_dir / "decoder.onnx"
+    lazy = load_lazily(path)
+    full = onnx.load(str(path))
+    assert not any(tensor.raw_data for tensor in lazy.graph.initializer if tensor.external_data)
+    for lazy_tensor, tensor in zip(lazy.graph.initializer, full.graph.initializer):
+        np.testing.assert_array_equal(read_tensor(lazy_tensor), onnx.numpy_helper.to_array(tensor))
 
 
 def test_int4_graph_uses_matmulnbits(quantized, exports):
