@@ -82,6 +82,9 @@ def merge_rounds(rounds: list[dict]) -> dict:
             merged[key] = median(r[key] for r in rounds)
         merged["memory"] = {**rounds[0]["memory"], "peak": max(r["memory"]["peak"] for r in rounds)}
         merged["rounds"] = [{key: r[key] for key in ("load_s", *STAGES)} for r in rounds]
+    # the bandwidth probe is a best-of; so is this, for a like-for-like roofline on a machine whose neighbours
+    # take memory bandwidth away for minutes at a time
+    merged["decode_tok_s_best"] = max(r["decode_tok_s"] for r in rounds)
     return merged
 
 
@@ -108,6 +111,7 @@ def describe_export(export_dir: Path, result: dict, new_tokens: int, machine: di
             "decode_bytes_per_token": weights + kv_bytes,
             "decode_tok_s_limit": decode_limit,
             "decode_fraction": result["decode_tok_s"] / decode_limit,
+            "decode_fraction_best": result["decode_tok_s_best"] / decode_limit,
             "decode_gbs": result["decode_tok_s"] * (weights + kv_bytes) / 1e9,  # what the decode streams
             "vision_s_limit": costs["vision_flops"] / gflops,
             "vision_fraction": costs["vision_flops"] / gflops / result["vision_s"],
@@ -176,11 +180,12 @@ def table(report: dict) -> str:
     lines = [
         f"{m['cpu']} · {m['threads']} threads · {m['ram_gb']} GB · onnxruntime {m['onnxruntime']} · "
         f"bandwidth {m['bandwidth_gbs']} GB/s · matmul {m['matmul_gflops']} GFLOP/s",
-        f"{'target':<34} {'backend':<12} {'prec':<6} {'load s':>7} {'vision s':>8} {'prefill s':>9} "
-        f"{'TTFT s':>7} {'tok/s':>7} {'step ms 1st/last':>17} {'peak GB':>7} {'disk GB':>7} {'roof %':>6} {'GB/s':>5}",
+        f"{'target':<34} {'backend':<12} {'prec':<6} {'load s':>7} {'vision s':>8} {'prefill s':>9} {'TTFT s':>7} "
+        f"{'tok/s':>7} {'step ms 1st/last':>17} {'peak GB':>7} {'disk GB':>7} {'roof %':>6} {'best':>6} {'GB/s':>5}",
     ]
     for r in report["results"]:
         roof = r.get("roofline", {}).get("decode_fraction")
+        best = r.get("roofline", {}).get("decode_fraction_best")
         streamed = r.get("roofline", {}).get("decode_gbs")
         disk = r.get("bytes_on_disk")
         lines.append(
@@ -188,7 +193,7 @@ def table(report: dict) -> str:
             f"{r['vision_s']:8.3f} {r['prefill_s']:9.3f} {r['ttft_s']:7.3f} {r['decode_tok_s']:7.2f} "
             f"{r['step_ms_first']:8.1f}/{r['step_ms_last']:<8.1f} {r['memory']['peak'] / 1e9:7.2f} "
             f"{'' if disk is None else f'{disk / 1e9:7.2f}':>7} {'' if roof is None else f'{100 * roof:5.1f}%':>6} "
-            f"{'' if streamed is None else f'{streamed:5.1f}':>5}"
+            f"{'' if best is None else f'{100 * best:5.1f}%':>6} {'' if streamed is None else f'{streamed:5.1f}':>5}"
         )
     for r in report["results"]:
         if "vs_transformers_fp32" in r:
