@@ -65,7 +65,7 @@ def test_kv_cache_appends_in_place_and_grows_by_blocks():
     written = [np.zeros((2, 3, 0, 4), np.float32)] * 2
     for count in (5, 1, 1, 1, 1, 6):  # 5 → 8 slots, 9 → 16, 15 stays
         new = [rng.standard_normal((2, 3, count, 4)).astype(np.float32) for _ in range(2)]
-        before = [b for b in cache.buffers]
+        before = list(cache.buffers)
         cache.append(new)
         written = [np.concatenate([w, n], axis=2) for w, n in zip(written, new)]
         grew = cache.capacity != before[0].shape[2]
