@@ -18,7 +18,7 @@ from statistics import median
 import onnx
 from tqdm.auto import tqdm
 
-from ..runtime.manifest import load_manifest
+from ..runtime.export_format import EMBED_ROWS_PREFIX, Manifest, load_manifest
 from .machine import machine_info, roofline
 from .worker import STAGES
 
@@ -30,40 +30,40 @@ def _weight_bytes(graph_path: Path) -> int:
     model = onnx.load(str(graph_path), load_external_data=False)
     total = 0
     for init in model.graph.initializer:
-        if init.name.startswith("embed_rows"):
+        if init.name.startswith(EMBED_ROWS_PREFIX):
             continue
         external = {entry.key: entry.value for entry in init.external_data}
         total += int(external["length"]) if "length" in external else len(init.raw_data)
     return total
 
 
-def model_costs(manifest: dict) -> dict:
+def model_costs(manifest: Manifest) -> dict:
     """Analytic parameter counts and FLOPs of the vision tower and the decoder body."""
-    text, vision = manifest["text"], manifest["vision"]
-    hidden, heads, kv_heads, head_dim = text["hidden_size"], text["num_heads"], text["num_kv_heads"], text["head_dim"]
-    body = text["num_layers"] * (
-        hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * text["intermediate_size"]
+    lm, vision = manifest.language_model, manifest.vision
+    hidden, heads, kv_heads, head_dim = lm.hidden_size, lm.num_heads, lm.num_kv_heads, lm.head_dim
+    body = lm.num_layers * (
+        hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * lm.intermediate_size
     )
-    v_hidden = vision["hidden_size"]
-    patches = manifest["num_image_tokens"]
+    v_hidden = vision.hidden_size
+    patches = manifest.num_image_tokens
     vision_params = (
-        vision["num_layers"] * (4 * v_hidden**2 + 2 * v_hidden * vision["intermediate_size"])
-        + 3 * vision["patch_size"] ** 2 * v_hidden
+        vision.num_layers * (4 * v_hidden**2 + 2 * v_hidden * vision.intermediate_size)
+        + 3 * vision.patch_size**2 * v_hidden
         + v_hidden * hidden
     )
-    vision_flops = 2 * vision_params * patches + 4 * vision["num_layers"] * patches**2 * v_hidden
+    vision_flops = 2 * vision_params * patches + 4 * vision.num_layers * patches**2 * v_hidden
     return {
         "body_params": body,
         "vision_params": vision_params,
         "vision_flops": vision_flops,
-        "kv_values_per_token": 2 * text["num_layers"] * kv_heads * head_dim,
+        "kv_values_per_token": 2 * lm.num_layers * kv_heads * head_dim,
     }
 
 
-def prefill_flops(manifest: dict, costs: dict, tokens: int) -> float:
-    text = manifest["text"]
-    attention = 4 * text["num_layers"] * tokens**2 * text["num_heads"] * text["head_dim"]
-    return 2 * costs["body_params"] * tokens + attention + 2 * text["hidden_size"] * text["vocab_size"]
+def prefill_flops(manifest: Manifest, costs: dict, tokens: int) -> float:
+    lm = manifest.language_model
+    attention = 4 * lm.num_layers * tokens**2 * lm.num_heads * lm.head_dim
+    return 2 * costs["body_params"] * tokens + attention + 2 * lm.hidden_size * lm.vocab_size
 
 
 def _run_worker(args: list[str]) -> dict:
@@ -90,9 +90,9 @@ def merge_rounds(rounds: list[dict]) -> dict:
 
 def describe_export(export_dir: Path, result: dict, new_tokens: int, machine: dict) -> dict:
     """Add what the export is, its size and its roofline to a worker's measurements."""
-    manifest = load_manifest(export_dir).data
+    manifest = load_manifest(export_dir)
     costs = model_costs(manifest)
-    weights = _weight_bytes(export_dir / manifest["graphs"]["decoder"]["file"])
+    weights = _weight_bytes(manifest.path(manifest.graph("decoder").file))
     mean_context = result["context_tokens"] - new_tokens / 2
     kv_bytes = costs["kv_values_per_token"] * mean_context * KV_BYTES_PER_VALUE
     decode_limit = machine["bandwidth_gbs"] * 1e9 / (weights + kv_bytes)
@@ -100,13 +100,11 @@ def describe_export(export_dir: Path, result: dict, new_tokens: int, machine: di
     gflops = machine["matmul_gflops"] * 1e9
     result.update(
         target=str(export_dir),
-        backend="onnxruntime",
-        precision=(manifest.get("quantization") or {})
-        .get("recipe", {})
-        .get("name", manifest["graphs"]["decoder"]["dtype"]),
-        image_size=manifest["image_size"],
-        model_type=manifest["model_type"],
-        bytes_on_disk=sum(entry["bytes"] for entry in manifest["files"].values()),
+        backend=manifest.decoder_backend,
+        precision=manifest.precision,
+        image_size=manifest.image_size,
+        model_type=manifest.model_type,
+        bytes_on_disk=sum(entry.bytes for entry in manifest.files.values()),
         roofline={
             "decode_bytes_per_token": weights + kv_bytes,
             "decode_tok_s_limit": decode_limit,
@@ -135,7 +133,7 @@ def run_bench(
 ) -> dict:
     machine = {**machine_info(threads), **roofline(threads)}
     common = [image, prompt, new_tokens, repeat, threads or 0]
-    jobs = [["onnx", Path(d), *common] for d in dirs]
+    jobs = [["export", Path(d), *common] for d in dirs]
     jobs += [["hf", baseline_hf, *common, dtype] for dtype in hf_dtypes] if baseline_hf else []
     measured: list[list[dict]] = [[] for _ in jobs]
     with tqdm(total=rounds * len(jobs), desc="bench", unit="target") as bar:
@@ -147,7 +145,7 @@ def run_bench(
     results = [
         describe_export(job[1], merge_rounds(runs), new_tokens, machine)
         for job, runs in zip(jobs, measured)
-        if job[0] == "onnx"
+        if job[0] == "export"
     ]
     baselines = [
         {**merge_rounds(runs), "target": str(job[1]), "backend": "transformers-eager", "precision": job[-1]}

@@ -1,6 +1,6 @@
 """Measure one target in a process of its own, so peak RSS belongs to it alone; prints one JSON line.
 
-python -m paligemma_edge.benchmarks.worker onnx EXPORT_DIR IMAGE PROMPT NEW_TOKENS REPEAT THREADS
+python -m paligemma_edge.benchmarks.worker export EXPORT_DIR IMAGE PROMPT NEW_TOKENS REPEAT THREADS
 python -m paligemma_edge.benchmarks.worker hf CHECKPOINT IMAGE PROMPT NEW_TOKENS REPEAT THREADS DTYPE
 """
 
@@ -48,10 +48,10 @@ def _decode_stats(step_times: list[float]) -> dict:
     }
 
 
-def bench_onnx(export_dir: str, image_path: str, prompt: str, new_tokens: int, repeat: int, threads: int | None):
+def bench_export(export_dir: str, image_path: str, prompt: str, new_tokens: int, repeat: int, threads: int | None):
+    """Any export through the public API: encode (preprocess + vision), then generate with EOS ignored."""
     from paligemma_edge import PaliGemma
-    from paligemma_edge.runtime.images import load_image, preprocess
-    from paligemma_edge.runtime.model import ImageFeatures
+    from paligemma_edge.runtime.images import load_image
 
     memory = {"start": rss()}
     start = time.perf_counter()
@@ -59,37 +59,28 @@ def bench_onnx(export_dir: str, image_path: str, prompt: str, new_tokens: int, r
     load_s = time.perf_counter() - start
     memory["after_load"] = rss()
     image = load_image(image_path)
+
+    def after_first_token(event) -> None:
+        memory.setdefault("after_prefill", rss())
+
     runs = []
     for index in range(repeat + 1):  # run 0 is the warm-up
-        t0 = time.perf_counter()
-        pixels = preprocess(image, model.manifest.image_size)[None]
-        t1 = time.perf_counter()
-        (features,) = model.vision.run(None, {model.vision.get_inputs()[0].name: pixels})
-        t2 = time.perf_counter()
+        features = model.encode_image(image)
         memory.setdefault("after_vision", rss())
-        steps = model._greedy(
-            [ImageFeatures(features[0], image.width, image.height)], [prompt], new_tokens, stop_at_eos=False
-        )
-        next(steps)
-        t3 = time.perf_counter()
-        memory.setdefault("after_prefill", rss())
-        step_times, last = [], t3
-        for _ in steps:
-            now = time.perf_counter()
-            step_times.append(now - last)
-            last = now
+        result = model.generate(features, prompt, new_tokens, ignore_eos=True, on_token=after_first_token)
         memory.setdefault("after_decode", rss())
+        encoded, timings = features.timings, result.timings
         if index:
             runs.append(
                 {
-                    "preprocess_s": t1 - t0,
-                    "vision_s": t2 - t1,
-                    "prefill_s": t3 - t2,
-                    "ttft_s": t3 - t0,
-                    **_decode_stats(step_times),
+                    "preprocess_s": encoded.preprocess_s,
+                    "vision_s": encoded.vision_s,
+                    "prefill_s": timings.prefill_s,
+                    "ttft_s": encoded.preprocess_s + encoded.vision_s + timings.prefill_s,
+                    **_decode_stats(timings.step_s),
                 }
             )
-    context = len(model.prompt_ids(prompt)) + new_tokens
+    context = result.prompt_tokens + new_tokens
     return {"load_s": load_s, **summarize(runs), "context_tokens": context, "memory": memory}
 
 
@@ -161,8 +152,8 @@ def bench_hf(
 def main(argv: list[str]) -> None:
     kind, target, image, prompt, new_tokens, repeat, threads, *rest = argv
     threads_arg = int(threads) or None
-    if kind == "onnx":
-        result = bench_onnx(target, image, prompt, int(new_tokens), int(repeat), threads_arg)
+    if kind == "export":
+        result = bench_export(target, image, prompt, int(new_tokens), int(repeat), threads_arg)
     else:
         result = bench_hf(target, image, prompt, int(new_tokens), int(repeat), threads_arg, rest[0])
     result["memory"]["peak"] = peak_rss()

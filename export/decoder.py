@@ -17,18 +17,6 @@ import torch
 from torch import nn
 from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
 
-GLOBAL_MASK = "attention_mask"
-SLIDING_MASK = "sliding_attention_mask"
-
-
-def cache_input_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def cache_output_names(num_layers: int) -> list[str]:
-    """The new tokens' keys/values only (not past + new): the runtime appends them to its buffer."""
-    return [f"new.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
 
 class ExportableDecoder(nn.Module):
     """(ids, image embeds, positions, masks, KV buffers) → (selected logits, new tokens' KV)."""
@@ -56,7 +44,7 @@ class ExportableDecoder(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings × sqrt(hidden); positions whose id is negative
-        (spec.IMAGE_SLOT) take image_embeds.
+        (export_format.IMAGE_SLOT) take image_embeds (docs/io-contract.md §3).
 
         The runtime marks image positions with a negative id rather than the `<image>` id, so an
         `<image>` token the model itself generates is embedded like any token, as in transformers.

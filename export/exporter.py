@@ -12,18 +12,24 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..runtime import errors, spec
+from ..runtime import export_format as fmt
 from ..runtime.errors import CheckpointError, PaliGemmaEdgeError
-from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, checksum_files, load_manifest, sha256_file, write_manifest
+from ..runtime.export_format import (
+    GraphEntry,
+    LanguageModelConfig,
+    Manifest,
+    TokenIds,
+    VisionConfig,
+    checksum_files,
+    load_manifest,
+    sha256_file,
+)
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .graphs import export_decoder, export_vision, opset_for
 from .random_checkpoint import RANDOM_MARKER
 from .seg_decoder import write_mask_decoder
 from .verify import Reference, raise_if_failed, transformers_reference, verify_export
 
-VISION_FILE = "vision.onnx"
-DECODER_FILE = "decoder.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-MASK_DECODER_FILE = "mask_decoder.onnx"
 REFERENCE_FILE = ".transformers_reference.npz"
 ERROR_FILE = ".export_error.json"
 ISOLATE_BYTES = 2 * 1024**3
@@ -39,7 +45,7 @@ class ExportSettings:
     isolate: bool | None = None  # torch stage in a child process; None: when the checkpoint is > ISOLATE_BYTES
 
 
-def _token_ids(tokenizer_path: Path, model) -> dict:
+def _token_ids(tokenizer_path: Path, model) -> TokenIds:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -52,21 +58,21 @@ def _token_ids(tokenizer_path: Path, model) -> dict:
 
     eos = model.generation_config.eos_token_id
     eos = [require(spec.EOS_TOKEN)] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    return {
-        "image": require(spec.IMAGE_TOKEN),
-        "bos": require(spec.BOS_TOKEN),
-        "eos": eos,
-        "pad": require(spec.PAD_TOKEN),
-        "newline": tokenizer.token_to_id(spec.PROMPT_END),
-        "loc0": require(spec.loc_token(0)),
-        "seg0": require(spec.seg_token(0)),
-        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-    }
+    return TokenIds(
+        image=require(spec.IMAGE_TOKEN),
+        bos=require(spec.BOS_TOKEN),
+        eos=tuple(eos),
+        pad=require(spec.PAD_TOKEN),
+        loc0=require(spec.loc_token(0)),
+        seg0=require(spec.seg_token(0)),
+        newline=tokenizer.token_to_id(spec.PROMPT_END),
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+    )
 
 
 def _write_tokenizer(checkpoint: Path, processor, out: Path) -> Path:
-    path = out / TOKENIZER_FILE
-    source = checkpoint / TOKENIZER_FILE
+    path = out / fmt.TOKENIZER_FILE
+    source = checkpoint / fmt.TOKENIZER_FILE
     if source.is_file():
         shutil.copyfile(source, path)
     else:  # only a SentencePiece model: let transformers convert it once
@@ -99,7 +105,7 @@ def _release_weights(model) -> None:
         tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
-def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tuple[dict, Reference | None]:
+def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tuple[Manifest, Reference | None]:
     """Everything that needs torch: transformers' reference outputs, both graphs, tokenizer, manifest."""
     steps = ["load checkpoint", "export vision", "export decoder", "tokenizer + manifest"]
     with tqdm(steps, desc="export", unit="step") as bar:
@@ -109,7 +115,8 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
         out.mkdir(parents=True, exist_ok=True)
         config = hf_model.config
         text_config = config.text_config
-        image_size = config.vision_config.image_size
+        vision_config = config.vision_config
+        image_size = vision_config.image_size
         bar.update()
 
         reference = None
@@ -117,10 +124,10 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
             reference = transformers_reference(hf_model, processor, settings.verify_prompt, settings.verify_steps)
 
         bar.set_postfix_str(steps[1])
-        vision = export_vision(hf_model, image_size, out / VISION_FILE)
+        vision = export_vision(hf_model, image_size, out / fmt.VISION_FILE)
         bar.update()
         bar.set_postfix_str(steps[2])
-        decoder = export_decoder(hf_model, out / DECODER_FILE)
+        decoder = export_decoder(hf_model, out / fmt.DECODER_FILE)
         bar.update()
 
         bar.set_postfix_str(steps[3])
@@ -128,55 +135,47 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
         layer_types = list(
             getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
         )
-        files = [VISION_FILE, VISION_FILE + ".data", DECODER_FILE, DECODER_FILE + ".data", TOKENIZER_FILE]
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "model_type": "paligemma2" if text_config.model_type == "gemma2" else "paligemma",
-            "source": str(model),
-            "random_weights": (checkpoint / RANDOM_MARKER).is_file(),
-            "image_size": image_size,
-            "num_image_tokens": (image_size // config.vision_config.patch_size) ** 2,
-            "text": {
-                "architecture": text_config.model_type,
-                "hidden_size": text_config.hidden_size,
-                "intermediate_size": text_config.intermediate_size,
-                "num_layers": text_config.num_hidden_layers,
-                "num_heads": text_config.num_attention_heads,
-                "num_kv_heads": text_config.num_key_value_heads,
-                "head_dim": text_config.head_dim,
-                "vocab_size": text_config.vocab_size,
-                "sliding_window": getattr(text_config, "sliding_window", None) if decoder["sliding"] else None,
-                "layer_types": layer_types,
-                "attn_logit_softcapping": getattr(text_config, "attn_logit_softcapping", None),
-                "final_logit_softcapping": getattr(text_config, "final_logit_softcapping", None),
+        files = [*fmt.graph_files(fmt.VISION_FILE), *fmt.graph_files(fmt.DECODER_FILE), fmt.TOKENIZER_FILE]
+        manifest = Manifest(
+            model_type="paligemma2" if text_config.model_type == "gemma2" else "paligemma",
+            source=str(model),
+            random_weights=(checkpoint / RANDOM_MARKER).is_file(),
+            image_size=image_size,
+            num_image_tokens=(image_size // vision_config.patch_size) ** 2,
+            language_model=LanguageModelConfig(
+                architecture=text_config.model_type,
+                hidden_size=text_config.hidden_size,
+                intermediate_size=text_config.intermediate_size,
+                num_layers=text_config.num_hidden_layers,
+                num_heads=text_config.num_attention_heads,
+                num_kv_heads=text_config.num_key_value_heads,
+                head_dim=text_config.head_dim,
+                vocab_size=text_config.vocab_size,
+                layer_types=layer_types,
+                sliding_window=getattr(text_config, "sliding_window", None) if decoder["sliding"] else None,
+                attn_logit_softcapping=getattr(text_config, "attn_logit_softcapping", None),
+                final_logit_softcapping=getattr(text_config, "final_logit_softcapping", None),
+                max_positions=getattr(text_config, "max_position_embeddings", None),
+            ),
+            vision=VisionConfig(
+                hidden_size=vision_config.hidden_size,
+                intermediate_size=vision_config.intermediate_size,
+                num_layers=vision_config.num_hidden_layers,
+                num_heads=vision_config.num_attention_heads,
+                patch_size=vision_config.patch_size,
+            ),
+            tokens=_token_ids(tokenizer_path, hf_model),
+            graphs={
+                "vision": GraphEntry(fmt.VISION_FILE, settings.dtype, vision["inputs"], vision["outputs"]),
+                "decoder": GraphEntry(fmt.DECODER_FILE, settings.dtype, decoder["inputs"], decoder["outputs"]),
             },
-            "vision": {
-                "hidden_size": config.vision_config.hidden_size,
-                "intermediate_size": config.vision_config.intermediate_size,
-                "num_layers": config.vision_config.num_hidden_layers,
-                "num_heads": config.vision_config.num_attention_heads,
-                "patch_size": config.vision_config.patch_size,
-            },
-            "tokens": _token_ids(tokenizer_path, hf_model),
-            "tokenizer": TOKENIZER_FILE,
-            "graphs": {
-                "vision": {"file": VISION_FILE, "dtype": settings.dtype, **vision},
-                "decoder": {
-                    "file": DECODER_FILE,
-                    "dtype": settings.dtype,
-                    "inputs": decoder["inputs"],
-                    "outputs": decoder["outputs"],
-                    "embedding": "tied: one [hidden, vocab] initializer, Gather(axis=1) for lookup, MatMul for logits",
-                },
-            },
-            "sliding_window_rule": (
+            sliding_window_rule=(
                 "transformers: sliding layers see keys < window positions back; prefix pairs always see each other"
             ),
-            "versions": {**_versions(), "opset": opset_for(hf_model.dtype)},
-        }
-        manifest["files"] = checksum_files(out, files)
-        write_manifest(out, manifest)
+            versions={**_versions(), "opset": opset_for(hf_model.dtype)},
+            files=checksum_files(out, files),
+        )
+        manifest.write(out)
         if settings.seg_decoder is not None:
             manifest = attach_mask_decoder(out, settings.seg_decoder)
         bar.update()
@@ -196,7 +195,7 @@ def _torch_stage_in_child(model: str, out: str, settings: dict) -> None:
         raise SystemExit(2) from error
 
 
-def _run_isolated(model: str | Path, out: Path, settings: ExportSettings) -> tuple[dict, Reference | None]:
+def _run_isolated(model: str | Path, out: Path, settings: ExportSettings) -> tuple[Manifest, Reference | None]:
     """Run the torch stage in a child process, so its memory is gone before onnxruntime verifies.
 
     (torch.export keeps references to the weights that no Python-level release reaches.)
@@ -217,15 +216,15 @@ def _run_isolated(model: str | Path, out: Path, settings: ExportSettings) -> tup
         raise errors.PaliGemmaEdgeError(f"the export's torch stage died (exit code {child.exitcode}); see above.")
     reference = Reference.load(out / REFERENCE_FILE) if settings.verify else None
     (out / REFERENCE_FILE).unlink(missing_ok=True)
-    return load_manifest(out).data, reference
+    return load_manifest(out), reference
 
 
 def _checkpoint_bytes(model: str | Path) -> int:
     return sum(p.stat().st_size for p in resolve_checkpoint(model).glob("*.safetensors"))
 
 
-def export_model(model: str | Path, out_dir: str | Path, settings: ExportSettings | None = None) -> dict:
-    """Export, write the manifest, verify against transformers; returns the manifest dict."""
+def export_model(model: str | Path, out_dir: str | Path, settings: ExportSettings | None = None) -> Manifest:
+    """Export, write the manifest, verify against transformers; returns the manifest."""
     settings = settings or ExportSettings()
     out = Path(out_dir)
     isolate = settings.isolate if settings.isolate is not None else _checkpoint_bytes(model) > ISOLATE_BYTES
@@ -233,25 +232,25 @@ def export_model(model: str | Path, out_dir: str | Path, settings: ExportSetting
     if reference is not None:
         with tqdm(total=1, desc="verify against transformers", unit="step") as bar:
             report = verify_export(reference, out, settings.dtype)
-            manifest["verification"] = report.to_dict()
-            write_manifest(out, manifest)  # the record stays even when verification fails
+            manifest.verification = report.to_dict()
+            manifest.write(out)  # the record stays even when verification fails
             raise_if_failed(report)
             bar.update()
     return manifest
 
 
-def attach_mask_decoder(export_dir: str | Path, npz_path: str | Path) -> dict:
+def attach_mask_decoder(export_dir: str | Path, npz_path: str | Path) -> Manifest:
     """Add big_vision's VQ-VAE mask decoder (vae-oid.npz) to an export as mask_decoder.onnx."""
     export_dir, npz_path = Path(export_dir), Path(npz_path)
-    manifest = load_manifest(export_dir).data
-    write_mask_decoder(npz_path, export_dir / MASK_DECODER_FILE)
-    manifest["graphs"]["mask_decoder"] = {
-        "file": MASK_DECODER_FILE,
-        "dtype": "fp32",
-        "inputs": ["codes"],
-        "outputs": ["mask_logits"],
-        "source": {"file": npz_path.name, "sha256": sha256_file(npz_path)},
-    }
-    manifest["files"].update(checksum_files(export_dir, [MASK_DECODER_FILE]))
-    write_manifest(export_dir, manifest)
+    manifest = load_manifest(export_dir)
+    write_mask_decoder(npz_path, export_dir / fmt.MASK_DECODER_FILE)
+    manifest.graphs["mask_decoder"] = GraphEntry(
+        fmt.MASK_DECODER_FILE,
+        "fp32",
+        [fmt.SEG_CODES],
+        [fmt.MASK_LOGITS],
+        source={"file": npz_path.name, "sha256": sha256_file(npz_path)},
+    )
+    manifest.files.update(checksum_files(export_dir, [fmt.MASK_DECODER_FILE]))
+    manifest.write(export_dir)
     return manifest

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..runtime import spec
-from .random_checkpoint import RANDOM_MARKER, TinySpec, build_tokenizer, paligemma_config
+from .random_checkpoint import RANDOM_MARKER, CheckpointShape, build_tokenizer, paligemma_config
 
 BASE_VOCAB = 256000
 HF_VOCAB = 257216
@@ -27,7 +27,9 @@ _SIGLIP_SO400M = dict(vision_hidden=1152, vision_layers=27, vision_mlp=4304, vis
 _PG1 = dict(version=1, text_hidden=2048, text_layers=18, text_mlp=16384, text_heads=8, kv_heads=1)
 _PG2 = dict(version=2, text_hidden=2304, text_layers=26, text_mlp=9216, text_heads=8, kv_heads=4)
 PRESETS = {
-    f"{family}-3b-{size}": TinySpec(image_size=size, head_dim=256, vocab_size=HF_VOCAB, **_SIGLIP_SO400M, **shape)
+    f"{family}-3b-{size}": CheckpointShape(
+        image_size=size, head_dim=256, vocab_size=HF_VOCAB, **_SIGLIP_SO400M, **shape
+    )
     for family, shape in (("paligemma", _PG1), ("paligemma2", _PG2))
     for size in (224, 448, 896)
 }
@@ -50,14 +52,14 @@ def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
 
 
 def make_full_size_checkpoint(
-    preset_name: str | TinySpec, out_dir: str | Path, seed: int = 0, shard_bytes: int = SHARD_BYTES
+    preset_name: str | CheckpointShape, out_dir: str | Path, seed: int = 0, shard_bytes: int = SHARD_BYTES
 ) -> Path:
-    """Write config, processor, tokenizer and sharded safetensors for a preset (a name or a TinySpec)."""
+    """Write config, processor, tokenizer and sharded safetensors for a preset (a name or a CheckpointShape)."""
     import torch
     from safetensors.numpy import save_file
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
 
-    if isinstance(preset_name, TinySpec):
+    if isinstance(preset_name, CheckpointShape):
         preset, preset_name = preset_name, "custom"
     elif preset_name in PRESETS:
         preset = PRESETS[preset_name]

@@ -10,7 +10,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from .decoder import GLOBAL_MASK, SLIDING_MASK, ExportableDecoder, cache_input_names, cache_output_names
+from ..runtime import export_format as fmt
+from .decoder import ExportableDecoder
 from .vision import ExportableVision
 
 # opset 23: the exporter's rewriter emits RMSNormalization, RotaryEmbedding and Gelu(tanh) as single ops (PaliGemma2
@@ -22,9 +23,6 @@ OPSET_FP16 = 18
 
 def opset_for(dtype: torch.dtype) -> int:
     return OPSET if dtype == torch.float32 else OPSET_FP16
-
-
-DECODER_INPUTS = ["input_ids", "image_embeds", "position_ids", "logits_positions", GLOBAL_MASK]
 
 
 _DECODER_DIMS = {"batch", "seq", "past_seq", "num_logits"}
@@ -57,12 +55,12 @@ def export_vision(hf_model, image_size: int, path: Path) -> dict:
     program = _export(
         module,
         (pixels,),
-        input_names=["pixel_values"],
-        output_names=["image_features"],
+        input_names=[fmt.PIXEL_VALUES],
+        output_names=[fmt.IMAGE_FEATURES],
         dynamic_shapes=({0: batch},),
     )
     _save(program, path)
-    return {"inputs": ["pixel_values"], "outputs": ["image_features"]}
+    return {"inputs": [fmt.PIXEL_VALUES], "outputs": [fmt.IMAGE_FEATURES]}
 
 
 def export_decoder(hf_model, path: Path) -> dict:
@@ -71,7 +69,7 @@ def export_decoder(hf_model, path: Path) -> dict:
     layers = len(module.layers)
     batch, seq, past, total = 2, 5, 3, 8
     dtype = module.table.dtype
-    masks = [GLOBAL_MASK, SLIDING_MASK] if module.has_sliding_layers else [GLOBAL_MASK]
+    masks = [fmt.ATTENTION_MASK, fmt.SLIDING_ATTENTION_MASK] if module.has_sliding_layers else [fmt.ATTENTION_MASK]
     mask = torch.ones(batch, 1, seq, total, dtype=torch.bool)
     args = (
         torch.randint(3, 10, (batch, seq)),
@@ -96,8 +94,8 @@ def export_decoder(hf_model, path: Path) -> dict:
         mask_shape,
         tuple([mask_shape] * (len(masks) - 1) + [{0: b, 2: p}] * (2 * layers)),
     )
-    inputs = DECODER_INPUTS + masks[1:] + cache_input_names(layers)
-    outputs = ["logits"] + cache_output_names(layers)
+    inputs = [*fmt.DECODER_INPUTS, *masks[1:], *fmt.cache_input_names(layers)]
+    outputs = [fmt.LOGITS, *fmt.cache_output_names(layers)]
     program = _export(module, args, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic)
     _save(program, path, rename_other_dims="total_seq")
     return {"inputs": inputs, "outputs": outputs, "sliding": module.has_sliding_layers}

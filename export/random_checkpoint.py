@@ -32,7 +32,7 @@ _SCRIPT_GAIN = 30.0  # scripted checkpoints: MLP lookup gain, ≫ the residual e
 
 
 @dataclass(frozen=True)
-class TinySpec:
+class CheckpointShape:
     """Shape of a random PaliGemma checkpoint (defaults: tiny — a few MB, seconds to export;
     full_size.PRESETS holds the real 3B shapes)."""
 
@@ -102,52 +102,52 @@ def build_tokenizer(base_vocab_size: int | None = None):
     )
 
 
-def paligemma_config(tiny: TinySpec, tokenizer):
+def paligemma_config(shape: CheckpointShape, tokenizer):
     from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
 
-    vocab_size = tiny.vocab_size or len(tokenizer)
+    vocab_size = shape.vocab_size or len(tokenizer)
     vision = SiglipVisionConfig(
-        hidden_size=tiny.vision_hidden,
-        intermediate_size=tiny.vision_mlp,
-        num_hidden_layers=tiny.vision_layers,
-        num_attention_heads=tiny.vision_heads,
+        hidden_size=shape.vision_hidden,
+        intermediate_size=shape.vision_mlp,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads,
         patch_size=spec.PATCH_SIZE,
-        image_size=tiny.image_size,
+        image_size=shape.image_size,
         vision_use_head=False,
-        projection_dim=tiny.text_hidden,
+        projection_dim=shape.text_hidden,
     )
     text_kwargs = dict(
         vocab_size=vocab_size,
-        hidden_size=tiny.text_hidden,
-        intermediate_size=tiny.text_mlp,
-        num_hidden_layers=tiny.text_layers,
-        num_attention_heads=tiny.text_heads,
-        num_key_value_heads=tiny.kv_heads,
-        head_dim=tiny.head_dim,
+        hidden_size=shape.text_hidden,
+        intermediate_size=shape.text_mlp,
+        num_hidden_layers=shape.text_layers,
+        num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        initializer_range=tiny.init_std,
+        initializer_range=shape.init_std,
     )
-    if tiny.version == 1:
+    if shape.version == 1:
         text = GemmaConfig(hidden_act="gelu_pytorch_tanh", **text_kwargs)
-    elif tiny.version == 2:
+    elif shape.version == 2:
         text = Gemma2Config(
             hidden_activation="gelu_pytorch_tanh",
-            query_pre_attn_scalar=tiny.head_dim,
-            sliding_window=tiny.sliding_window,
+            query_pre_attn_scalar=shape.head_dim,
+            sliding_window=shape.sliding_window,
             attn_logit_softcapping=50.0,
             final_logit_softcapping=30.0,
             **text_kwargs,
         )
     else:
-        raise ValueError(f"PaliGemma version must be 1 or 2, not {tiny.version}")
+        raise ValueError(f"PaliGemma version must be 1 or 2, not {shape.version}")
     return PaliGemmaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(spec.IMAGE_TOKEN),
-        projection_dim=tiny.text_hidden,
-        hidden_size=tiny.text_hidden,
+        projection_dim=shape.text_hidden,
+        hidden_size=shape.text_hidden,
         vocab_size=vocab_size,
     )
 
@@ -178,38 +178,40 @@ def _randomize(model, std: float, seed: int) -> None:
                 layer.post_feedforward_layernorm.weight.add_(_POST_NORM_GAIN - 1.0)  # embedding
 
 
-def _build(tiny: TinySpec):
+def _build(shape: CheckpointShape):
     """(randomised model in eval mode, tokenizer)."""
     import torch
     from transformers import PaliGemmaForConditionalGeneration
 
     tokenizer = build_tokenizer()
-    torch.manual_seed(tiny.seed)
-    model = PaliGemmaForConditionalGeneration(paligemma_config(tiny, tokenizer)).eval()
-    _randomize(model, tiny.init_std, tiny.seed)
+    torch.manual_seed(shape.seed)
+    model = PaliGemmaForConditionalGeneration(paligemma_config(shape, tokenizer)).eval()
+    _randomize(model, shape.init_std, shape.seed)
     return model, tokenizer
 
 
-def _save(model, tokenizer, tiny: TinySpec, out_dir: str | Path) -> Path:
+def _save(model, tokenizer, shape: CheckpointShape, out_dir: str | Path) -> Path:
     from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
 
     out = Path(out_dir)
     model.save_pretrained(out)
-    (out / RANDOM_MARKER).write_text(json.dumps({"random_weights": True, "spec": asdict(tiny)}, indent=2))
-    num_image_tokens = (tiny.image_size // spec.PATCH_SIZE) ** 2
-    image_processor = SiglipImageProcessorPil(size={"height": tiny.image_size, "width": tiny.image_size})
+    (out / RANDOM_MARKER).write_text(json.dumps({"random_weights": True, "spec": asdict(shape)}, indent=2))
+    num_image_tokens = (shape.image_size // spec.PATCH_SIZE) ** 2
+    image_processor = SiglipImageProcessorPil(size={"height": shape.image_size, "width": shape.image_size})
     image_processor.image_seq_length = num_image_tokens
     PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
 
 
-def make_tiny_checkpoint(out_dir: str | Path, tiny: TinySpec = TinySpec()) -> Path:
+def make_tiny_checkpoint(out_dir: str | Path, shape: CheckpointShape = CheckpointShape()) -> Path:
     """Write a tiny random PaliGemma checkpoint (model + processor) with `save_pretrained`."""
-    model, tokenizer = _build(tiny)
-    return _save(model, tokenizer, tiny, out_dir)
+    model, tokenizer = _build(shape)
+    return _save(model, tokenizer, shape, out_dir)
 
 
-def make_scripted_checkpoint(out_dir: str | Path, continuation: str, tiny: TinySpec = TinySpec()) -> Path:
+def make_scripted_checkpoint(
+    out_dir: str | Path, continuation: str, shape: CheckpointShape = CheckpointShape()
+) -> Path:
     """A tiny checkpoint whose greedy output is ``continuation`` then `<eos>`, whatever the image and prompt.
 
     For end-to-end tests of output decoding (boxes, masks, drawings) that a random model cannot
@@ -219,12 +221,12 @@ def make_scripted_checkpoint(out_dir: str | Path, continuation: str, tiny: TinyS
     """
     import torch
 
-    model, tokenizer = _build(tiny)
+    model, tokenizer = _build(shape)
     chain = [tokenizer.convert_tokens_to_ids(spec.PROMPT_END)]
     chain += tokenizer(continuation, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    hidden = tiny.text_hidden
-    if len(set(chain[:-1])) != len(chain) - 1 or len(chain) > min(hidden, tiny.text_mlp):
-        raise ValueError(f"a script needs distinct tokens, at most {min(hidden, tiny.text_mlp) - 1}: {chain}")
+    hidden = shape.text_hidden
+    if len(set(chain[:-1])) != len(chain) - 1 or len(chain) > min(hidden, shape.text_mlp):
+        raise ValueError(f"a script needs distinct tokens, at most {min(hidden, shape.text_mlp) - 1}: {chain}")
     language_model = model.model.language_model
     with torch.no_grad():
         directions, _ = torch.linalg.qr(torch.randn(hidden, len(chain), generator=torch.Generator().manual_seed(0)))
@@ -246,4 +248,4 @@ def make_scripted_checkpoint(out_dir: str | Path, continuation: str, tiny: TinyS
         mlp.up_proj.weight[: len(chain) - 1] = detector
         mlp.down_proj.weight[:, : len(chain) - 1] = directions[:, 1:] * _SCRIPT_GAIN
         language_model.norm.weight.zero_()
-    return _save(model, tokenizer, tiny, out_dir)
+    return _save(model, tokenizer, shape, out_dir)

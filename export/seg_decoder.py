@@ -1,4 +1,4 @@
-"""Build the VQ-VAE mask decoder (`vae-oid.npz`, spec §7) as a small ONNX graph.
+"""Build the VQ-VAE mask decoder (`vae-oid.npz`, docs/io-contract.md §12) as a small ONNX graph.
 
 codes [B, 16] int64 → codebook rows → [B, D, 4, 4] → conv 1×1 → 2 residual blocks →
 4 × (ConvTranspose k4 s2 p1 + ReLU) → conv 1×1 → mask logits [B, 64, 64] (0 ≙ p = 0.5).
@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import MaskDecoderError
+from ..runtime.export_format import MASK_LOGITS, SEG_CODES
+from ..runtime.segmentation import MaskDecoder
+from ..runtime.spec import SEG_CODES_PER_OBJECT
 
 CODEBOOK = "_vq_vae._embedding"
 OPSET = 17
@@ -80,7 +83,7 @@ def build_graph(arrays: dict[str, np.ndarray]):
     inits.append(numpy_helper.from_array(np.array([-1, 4, 4, dim], np.int64), "grid_shape"))
     inits.append(numpy_helper.from_array(np.array([1], np.int64), "channel_axis"))
     nodes += [
-        helper.make_node("Gather", [CODEBOOK, "codes"], ["rows"], axis=0),
+        helper.make_node("Gather", [CODEBOOK, SEG_CODES], ["rows"], axis=0),
         helper.make_node("Reshape", ["rows", "grid_shape"], ["grid"]),
         helper.make_node("Transpose", ["grid"], ["h_in"], perm=[0, 3, 1, 2]),
     ]
@@ -126,12 +129,12 @@ def build_graph(arrays: dict[str, np.ndarray]):
     for name in _UPSAMPLERS:
         h = layer(name, "convT", 4, h, relu=True)
     h = layer("decoder.12", "conv", 1, h, relu=False)
-    nodes.append(helper.make_node("Squeeze", [h, "channel_axis"], ["mask_logits"]))
+    nodes.append(helper.make_node("Squeeze", [h, "channel_axis"], [MASK_LOGITS]))
     graph = helper.make_graph(
         nodes,
         "vqvae_mask_decoder",
-        [helper.make_tensor_value_info("codes", TensorProto.INT64, ["batch", 16])],
-        [helper.make_tensor_value_info("mask_logits", TensorProto.FLOAT, ["batch", 64, 64])],
+        [helper.make_tensor_value_info(SEG_CODES, TensorProto.INT64, ["batch", SEG_CODES_PER_OBJECT])],
+        [helper.make_tensor_value_info(MASK_LOGITS, TensorProto.FLOAT, ["batch", 64, 64])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="paligemma-edge")
@@ -147,3 +150,11 @@ def write_mask_decoder(npz_path: str | Path, out_path: str | Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return Path(out_path)
+
+
+def mask_decoder_from_npz(npz_path: str | Path) -> MaskDecoder:
+    """A `MaskDecoder` built in memory from big_vision's vae-oid.npz (validated like write_mask_decoder)."""
+    import onnxruntime as ort
+
+    model = build_graph(load_vae_npz(npz_path))
+    return MaskDecoder(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]))

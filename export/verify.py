@@ -11,7 +11,7 @@ import torch
 
 from ..runtime import spec
 from ..runtime.errors import VerificationError
-from ..runtime.images import load_image, preprocess
+from ..runtime.images import demo_image_path, load_image, preprocess
 from ..runtime.model import PaliGemma
 
 # Max |Δlogit| allowed, relative to the largest |logit| (and at least this much absolute).
@@ -42,10 +42,6 @@ class VerificationReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
-
-
-def demo_image_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "runtime" / spec.DEMO_IMAGE
 
 
 @dataclass
@@ -112,7 +108,7 @@ def verify_export(reference: Reference, export_dir: Path, dtype: str = "fp32") -
     image, prompt = load_image(reference.image_path), reference.prompt
     pixel_diff = float(np.abs(preprocess(image, runtime.manifest.image_size) - reference.pixel_values).max())
     features = runtime.encode_image(image)
-    runtime.vision = None  # its mapped weights (1.7 GB) need not sit beside the decoder's prefill (896 px: 4.1k tokens)
+    runtime.close_vision()  # its weights (1.7 GB) need not sit beside the decoder's prefill (896 px: 4.1k tokens)
     onnx_tokens = runtime.generate(features, prompt, max_new_tokens=reference.steps).token_ids
     eos = set(runtime.tokens.eos)
     hf_cut = next((i for i, t in enumerate(reference.tokens) if t in eos), len(reference.tokens))

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class ExportableVision(nn.Module):
-    """SigLIP tower + linear projector. Features are not scaled (spec §3.3)."""
+    """SigLIP tower + linear projector. Features are not scaled (docs/io-contract.md §3)."""
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()

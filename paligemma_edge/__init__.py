@@ -6,11 +6,14 @@ from .runtime.errors import (
     ExportNotFoundError,
     GenerationError,
     ImageError,
+    MaskDecoderError,
     PaliGemmaEdgeError,
     PromptError,
 )
-from .runtime.model import GenerationResult, ImageFeatures, PaliGemma
+from .runtime.generation import GenerationConfig, GenerationResult, Timings, TokenEvent
+from .runtime.model import ImageFeatures, PaliGemma
 from .runtime.outputs import DetectedObject, ParsedOutput, parse_output
+from .runtime.segmentation import MaskDecoder
 
 __version__ = "0.1.0"
 
@@ -19,13 +22,18 @@ __all__ = [
     "CorruptExportError",
     "DetectedObject",
     "ExportNotFoundError",
+    "GenerationConfig",
     "GenerationError",
     "GenerationResult",
     "ImageError",
     "ImageFeatures",
+    "MaskDecoder",
+    "MaskDecoderError",
     "PaliGemma",
     "PaliGemmaEdgeError",
     "ParsedOutput",
     "PromptError",
+    "Timings",
+    "TokenEvent",
     "parse_output",
 ]

@@ -1,4 +1,8 @@
-"""`paligemma-edge`: export, quantize, compare, run, bench — PaliGemma on edge devices with onnxruntime."""
+"""`paligemma-edge`: export, quantize, compare, run, bench — PaliGemma on edge devices with onnxruntime.
+
+Commands import only what they need: run, info and compare work in the base install (no torch), quantize
+needs the [quant] extra, bench the [bench] extra, export the [export] extra (torch + transformers).
+"""
 
 from __future__ import annotations
 
@@ -41,37 +45,48 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         manifest = export_model(args.model, args.out_dir, settings)
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest.to_dict(), indent=2))
     else:
-        from .runtime.manifest import load_manifest
-
-        print(load_manifest(args.out_dir).summary())
+        print(manifest.summary())
         print(f"done: {args.out_dir}")
     return 0
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "repetition_penalty": args.repetition_penalty,
+        "stop": tuple(args.stop or ()),
+    }
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime.draw import draw_objects
     from .runtime.model import PaliGemma
 
-    timings = {}
     start = time.perf_counter()
     model = PaliGemma.load(args.export_dir, threads=args.threads, verify_checksums=not args.no_verify_checksums)
-    timings["load_s"] = time.perf_counter() - start
-    start = time.perf_counter()
+    load_s = time.perf_counter() - start
     features = model.encode_image(args.image)
-    timings["vision_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    result = model.generate(features, args.prompt, max_new_tokens=args.max_new_tokens)
-    timings["generate_s"] = time.perf_counter() - start
+    result = model.generate(features, args.prompt, **_generation_options(args))
     parsed = model.objects_from(result, features, args.divisor, args.iou_threshold)
     if args.draw:
         draw_objects(args.image, parsed.objects, args.draw)
     if args.json:
+        timings = {"load_s": load_s, **result.timings.to_dict()}
+        timings.update(preprocess_s=features.timings.preprocess_s, vision_s=features.timings.vision_s)
+        timings["ttft_s"] = features.timings.preprocess_s + features.timings.vision_s + result.timings.prefill_s
         report = {
             "prompt": args.prompt,
             "text": result.text,
             "token_ids": result.token_ids,
+            "token_logprobs": result.token_logprobs,
+            "finish_reason": result.finish_reason,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids)},
             "image_size": [features.width, features.height],
             "objects": [obj.to_dict() for obj in parsed.objects],
             "leftover_text": parsed.text,
@@ -102,10 +117,9 @@ def _cmd_attach_seg_decoder(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .quant.quantize import quantize_export
-    from .runtime.manifest import load_manifest
 
     manifest = quantize_export(args.in_dir, args.out_dir, _recipe(args))
-    print(json.dumps(manifest, indent=2) if args.json else load_manifest(args.out_dir).summary())
+    print(json.dumps(manifest.to_dict(), indent=2) if args.json else manifest.summary())
     return 0
 
 
@@ -136,8 +150,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     reference = PaliGemma.load(args.ref_dir, threads=args.threads)
     candidate = PaliGemma.load(args.quant_dir, threads=args.threads)
     report = compare_exports(reference, candidate, images, prompt_list)
-    store_in_manifest(report)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    if args.write_manifest:
+        store_in_manifest(report)
     return 0
 
 
@@ -177,7 +192,7 @@ def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmarks.bench import plot, run_bench, table
-    from .export.verify import demo_image_path
+    from .runtime.images import demo_image_path
 
     report = run_bench(
         args.export_dirs,
@@ -199,10 +214,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .runtime.manifest import load_manifest
+    from .runtime.export_format import load_manifest
 
     manifest = load_manifest(args.export_dir)
-    print(json.dumps(manifest.data, indent=2) if args.json else manifest.summary())
+    print(json.dumps(manifest.to_dict(), indent=2) if args.json else manifest.summary())
     return 0
 
 
@@ -213,14 +228,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=None,
+        help=f"at most this many tokens (default: the task's, {spec.DEFAULT_MAX_NEW_TOKENS} or "
+        f"{spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION} for detect/segment)",
+    )
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0: greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens up to mass p")
+    parser.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=None, help="penalise tokens already in the sequence (>1)"
+    )
+    parser.add_argument(
+        "--stop", action="append", default=None, help="stop when the text contains this string (repeatable)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paligemma-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    json_help = "print machine-readable JSON instead of text"
+    threads_help = "onnxruntime threads (default: all cores)"
 
     export = sub.add_parser("export", help="export a Hugging Face PaliGemma checkpoint to ONNX")
     export.add_argument("model", help="local checkpoint directory or hub id (e.g. google/paligemma-3b-mix-224)")
-    export.add_argument("out_dir", type=Path)
-    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("out_dir", type=Path, help="the export directory to write")
+    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision of the torch export")
     export.add_argument("--no-verify", action="store_true", help="skip the check against transformers")
     export.add_argument("--seg-decoder", type=Path, default=None, help="big_vision vae-oid.npz → mask_decoder.onnx")
     export.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -228,31 +272,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_cmd_export)
 
     quantize = sub.add_parser("quantize", help="quantize an fp32 export (int8 / int4 / fp16 recipes)")
-    quantize.add_argument("in_dir", type=Path)
-    quantize.add_argument("out_dir", type=Path)
+    quantize.add_argument("in_dir", type=Path, help="an fp32 export directory")
+    quantize.add_argument("out_dir", type=Path, help="the quantized export directory to write")
     _add_recipe_options(quantize, required=True)
-    quantize.add_argument("--json", action="store_true")
+    quantize.add_argument("--json", action="store_true", help="print the manifest as JSON")
     quantize.set_defaults(func=_cmd_quantize)
 
     compare = sub.add_parser("compare", help="what a quantized export costs against its reference")
-    compare.add_argument("ref_dir", type=Path)
-    compare.add_argument("quant_dir", type=Path, nargs="?", default=None)
+    compare.add_argument("ref_dir", type=Path, help="the reference export (usually fp32)")
+    compare.add_argument("quant_dir", type=Path, nargs="?", default=None, help="the export to judge")
     compare.add_argument("--images", type=Path, default=None, help="a directory of images (default: bundled)")
     compare.add_argument("--prompts", type=Path, default=None, help="a file, one prompt per line (default: tasks)")
     compare.add_argument("--sweep", action="store_true", help="quantize one component at a time and compare each")
     compare.add_argument("--work-dir", type=Path, default=None, help="scratch space for --sweep")
-    compare.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None)
-    compare.add_argument("--asymmetric", action="store_true")
-    compare.add_argument("--threads", type=int, default=None)
-    compare.add_argument("--json", action="store_true")
+    compare.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="--sweep: block")
+    compare.add_argument("--asymmetric", action="store_true", help="--sweep: asymmetric MatMulNBits")
+    compare.add_argument(
+        "--write-manifest", action="store_true", help="also record the summary under 'quality' in QUANT_DIR's manifest"
+    )
+    compare.add_argument("--threads", type=int, default=None, help=threads_help)
+    compare.add_argument("--json", action="store_true", help=json_help)
     compare.set_defaults(func=_cmd_compare)
 
     run = sub.add_parser("run", help="run one prompt on one image")
-    run.add_argument("export_dir", type=Path)
-    run.add_argument("--image", required=True)
+    run.add_argument("export_dir", type=Path, help="an export directory")
+    run.add_argument("--image", required=True, help="an image file (PNG, JPEG, WebP, …)")
     run.add_argument("--prompt", required=True, help='e.g. "caption en", "detect cat ; dog"')
-    run.add_argument("--max-new-tokens", type=int, default=spec.DEFAULT_MAX_NEW_TOKENS)
-    run.add_argument("--threads", type=int, default=None)
+    _add_generation_options(run)
+    run.add_argument("--threads", type=int, default=None, help=threads_help)
     run.add_argument("--no-verify-checksums", action="store_true", help="skip sha256 of the export's files")
     run.add_argument(
         "--divisor",
@@ -263,32 +310,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--iou-threshold", type=float, default=None, help="per-label NMS of detected boxes")
     run.add_argument("--draw", type=Path, default=None, help="write the image with boxes/masks to this PNG")
-    run.add_argument("--json", action="store_true")
+    run.add_argument("--json", action="store_true", help=json_help)
     run.set_defaults(func=_cmd_run)
 
     attach = sub.add_parser("attach-seg-decoder", help="add the VQ-VAE mask decoder to an existing export")
-    attach.add_argument("export_dir", type=Path)
+    attach.add_argument("export_dir", type=Path, help="an export directory")
     attach.add_argument("npz", type=Path, help="big_vision's vae-oid.npz")
     attach.set_defaults(func=_cmd_attach_seg_decoder)
 
     from .export.full_size import PRESETS
 
     random_ckpt = sub.add_parser("random-checkpoint", help="a full-size RANDOM checkpoint (real shapes) for benchmarks")
-    random_ckpt.add_argument("--preset", choices=list(PRESETS), required=True)
-    random_ckpt.add_argument("out_dir", type=Path)
-    random_ckpt.add_argument("--seed", type=int, default=0)
+    random_ckpt.add_argument("--preset", choices=list(PRESETS), required=True, help="model family, size, resolution")
+    random_ckpt.add_argument("out_dir", type=Path, help="the checkpoint directory to write")
+    random_ckpt.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     random_ckpt.set_defaults(func=_cmd_random_checkpoint)
 
     bench = sub.add_parser("bench", help="latency, memory and roofline per export, against transformers")
-    bench.add_argument("export_dirs", type=Path, nargs="+")
-    bench.add_argument("--new-tokens", type=int, default=32)
-    bench.add_argument("--repeat", type=int, default=3, help="measured runs per process, after a warm-up")
+    bench.add_argument("export_dirs", type=Path, nargs="+", help="export directories, each measured in its own process")
+    bench.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens decoded per run (EOS ignored)")
+    bench.add_argument("--repeat", type=_positive_int, default=3, help="measured runs per process, after a warm-up")
     bench.add_argument(
-        "--rounds", type=int, default=1, help="measure all targets this many times round-robin; report the medians"
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        help="measure all targets this many times round-robin; report the medians",
     )
-    bench.add_argument("--prompt", default="caption en")
+    bench.add_argument("--prompt", default="caption en", help="the prompt of every run")
     bench.add_argument("--image", type=Path, default=None, help="default: the bundled demo image")
-    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--threads", type=int, default=None, help=threads_help)
     bench.add_argument("--baseline-hf", type=Path, default=None, help="the HF checkpoint the exports came from")
     bench.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers baselines to run (comma-separated)")
     bench.add_argument("--json", type=Path, default=None, help="write the full report here")
@@ -296,13 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     info = sub.add_parser("info", help="summarise an export directory's manifest")
-    info.add_argument("export_dir", type=Path)
-    info.add_argument("--json", action="store_true")
+    info.add_argument("export_dir", type=Path, help="an export directory")
+    info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     info.set_defaults(func=_cmd_info)
 
     demo = sub.add_parser("demo", help="build a tiny RANDOM checkpoint, export it and run it (no download)")
-    demo.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"))
-    demo.add_argument("--json", action="store_true")
+    demo.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"), help="where to build it")
+    demo.add_argument("--json", action="store_true", help=json_help)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -316,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except PaliGemmaEdgeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,17 +10,14 @@ import json
 import time
 from pathlib import Path
 
-from .runtime import spec
-
 
 def run_demo(work_dir: Path, as_json: bool = False) -> dict:
     from .export.exporter import export_model
-    from .export.random_checkpoint import TinySpec, make_tiny_checkpoint
+    from .export.random_checkpoint import CheckpointShape, make_tiny_checkpoint
+    from .runtime.images import demo_image_path
     from .runtime.model import PaliGemma
 
-    image = Path(__file__).resolve().parent.parent / "runtime" / spec.DEMO_IMAGE
-    if not image.is_file():  # installed (non-editable) layout
-        image = Path(__file__).resolve().parent / "runtime" / spec.DEMO_IMAGE
+    image = demo_image_path()
     timings: dict[str, float] = {}
 
     def timed(name, fn, *args, **kwargs):
@@ -29,7 +26,7 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
         timings[name] = round(time.perf_counter() - start, 4)
         return value
 
-    checkpoint = timed("make_random_checkpoint_s", make_tiny_checkpoint, work_dir / "checkpoint", TinySpec())
+    checkpoint = timed("make_random_checkpoint_s", make_tiny_checkpoint, work_dir / "checkpoint", CheckpointShape())
     manifest = timed("export_and_verify_s", export_model, checkpoint, work_dir / "export")
     model = timed("load_s", PaliGemma.load, work_dir / "export")
     features = timed("vision_encode_s", model.encode_image, image)
@@ -38,9 +35,14 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
     report = {
         "note": "RANDOM weights: the outputs are meaningless; this demo shows the pipeline and its timings.",
         "export_dir": str(work_dir / "export"),
-        "verification": manifest.get("verification"),
+        "verification": manifest.verification,
         "image": str(image),
-        "caption": {"text": caption.text, "token_ids": caption.token_ids},
+        "caption": {
+            "text": caption.text,
+            "token_ids": caption.token_ids,
+            "finish_reason": caption.finish_reason,
+            "timings": caption.timings.to_dict(),
+        },
         "detect": {"objects": [o.to_dict() for o in detection.objects], "dropped": detection.dropped},
         "timings_s": timings,
     }
@@ -54,7 +56,10 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
         f"(max |Δlogit| {verification['max_abs_logit_diff']:.2e}, "
         f"{len(verification['hf_tokens'])} greedy tokens identical)"
     )
-    print(f"caption en  → {caption.text!r}")
+    print(
+        f"caption en  → {caption.text!r} (prefill {caption.timings.prefill_s * 1e3:.1f} ms, "
+        f"{caption.timings.decode_tok_s:.1f} tokens/s)"
+    )
     print(f"detect house ; car → {len(detection.objects)} objects, dropped: {detection.dropped}")
     for obj in detection.objects:
         print(f"    {obj.label or '(no label)'}: {tuple(round(v, 1) for v in obj.box)}")

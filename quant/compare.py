@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..runtime import prompts as prompt_builders
-from ..runtime.images import load_image
-from ..runtime.manifest import load_manifest, write_manifest
+from ..runtime import tasks
+from ..runtime.errors import ImageError, PromptError, QuantizationError
+from ..runtime.export_format import load_manifest
+from ..runtime.images import demo_image_path, load_image
 from ..runtime.model import ImageFeatures, PaliGemma
 from ..runtime.outputs import box_iou
 
@@ -132,8 +133,6 @@ def matched_box_iou(reference, candidate) -> float | None:
 
 
 def default_images() -> list[tuple[str, object]]:
-    from ..export.verify import demo_image_path
-
     rng = np.random.default_rng(0)
     return [
         ("demo.png", load_image(demo_image_path())),
@@ -142,15 +141,37 @@ def default_images() -> list[tuple[str, object]]:
 
 
 def read_images(directory: Path) -> list[tuple[str, object]]:
-    files = sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ImageError(f"--images {directory} is not a directory of images.")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{directory} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))}).")
+        raise ImageError(f"{directory} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))}).")
     return [(p.name, load_image(p)) for p in files]
 
 
 def read_prompts(path: Path) -> list[str]:
-    lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PromptError(f"Cannot read prompts from {path}: {error}.") from error
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [line for line in prompts if line and not line.startswith("#")]
+    if not prompts:
+        raise PromptError(f"{path} holds no prompts (one per line; # starts a comment).")
+    return prompts
+
+
+def check_same_model(reference: PaliGemma, candidate: PaliGemma) -> None:
+    """Refuse to compare exports of different models (the report would be meaningless)."""
+    ref, cand = reference.manifest, candidate.manifest
+    keys = ("model_type", "image_size", "num_image_tokens", "language_model", "tokens")
+    differ = [key for key in keys if getattr(ref, key) != getattr(cand, key)]
+    if differ:
+        raise QuantizationError(
+            f"{ref.directory} and {cand.directory} are exports of different models (they differ in "
+            f"{', '.join(differ)}); compare a quantized export with the export it was made from."
+        )
 
 
 def compare_exports(
@@ -160,12 +181,12 @@ def compare_exports(
     prompt_list: list[str],
     continuation_tokens: int = CONTINUATION_TOKENS,
 ) -> QualityReport:
-    data = reference.manifest.data
+    check_same_model(reference, candidate)
     report = QualityReport(
         reference=str(reference.manifest.directory),
         candidate=str(candidate.manifest.directory),
-        checkpoint=str(data.get("source")),
-        random_weights=bool(data.get("random_weights", False)),
+        checkpoint=reference.manifest.source,
+        random_weights=reference.manifest.random_weights,
     )
     cases = [(name, image, prompt) for name, image in images for prompt in prompt_list]
     encoded: dict[str, tuple[ImageFeatures, ImageFeatures]] = {}
@@ -180,7 +201,8 @@ def compare_exports(
         cand_logits = candidate.score(cand_features, prompt, continuation)
         agreement, kl, cosine = logit_metrics(ref_logits, cand_logits)
         iou = None
-        if prompt_builders.task_of(prompt) in ("detect", "segment"):
+        task = tasks.task_of(prompt)
+        if task is not None and task.localizes:
             iou = matched_box_iou(
                 reference.objects_from(ref_result, ref_features), candidate.objects_from(cand_result, cand_features)
             )
@@ -201,6 +223,6 @@ def compare_exports(
 
 def store_in_manifest(report: QualityReport) -> None:
     """Record the summary in the candidate's manifest (manifest.json is not itself checksummed)."""
-    manifest = load_manifest(report.candidate).data
-    manifest.setdefault("quality", {})[Path(report.reference).name] = report.summary()
-    write_manifest(Path(report.candidate), manifest)
+    manifest = load_manifest(report.candidate)
+    manifest.quality[Path(report.reference).name] = report.summary()
+    manifest.write()

@@ -6,14 +6,14 @@ import tempfile
 from pathlib import Path
 
 from ..export.exporter import ExportSettings, export_model
-from ..runtime.manifest import load_manifest, write_manifest
+from ..runtime.export_format import Manifest, load_manifest
 from ..runtime.model import PaliGemma
 from .compare import DEFAULT_PROMPTS, compare_exports, default_images
 from .quantize import quantize_export
 from .recipes import Recipe
 
 
-def export_quantized(model: str | Path, out_dir: str | Path, settings: ExportSettings, recipe: Recipe) -> dict:
+def export_quantized(model: str | Path, out_dir: str | Path, settings: ExportSettings, recipe: Recipe) -> Manifest:
     """The fp32 export (verified against transformers) lives in a scratch directory beside OUT and is
     deleted afterwards; OUT gets the quantized export with its quality summary in the manifest."""
     out = Path(out_dir)
@@ -27,9 +27,9 @@ def export_quantized(model: str | Path, out_dir: str | Path, settings: ExportSet
             default_images(),
             list(DEFAULT_PROMPTS),
         )
-    manifest = load_manifest(out).data
-    manifest["quantization"]["source_export"] = f"fp32 export of {model} (not kept)"
-    manifest["source_verification"] = reference.get("verification")
-    manifest["quality"] = {"fp32": report.summary()}
-    write_manifest(out, manifest)
+    manifest = load_manifest(out)
+    manifest.quantization["source_export"] = f"fp32 export of {model} (not kept)"
+    manifest.source_verification = reference.verification
+    manifest.quality = {"fp32": report.summary()}
+    manifest.write()
     return manifest

@@ -21,8 +21,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
-from ..runtime.manifest import checksum_files, load_manifest, write_manifest
+from ..runtime import export_format as fmt
+from ..runtime.errors import QuantizationError
+from ..runtime.export_format import checksum_files, load_manifest
 from .recipes import Recipe
+
+ROWS_INT8, ROWS_SCALE = f"{fmt.EMBED_ROWS_PREFIX}int8", f"{fmt.EMBED_ROWS_PREFIX}scale"
 
 # fp16 recipe: ops that carry weights run in fp16 on fp16 weights; every other tensor stays fp32
 # (residual stream, norms, softmax, softcaps, masks, RoPE), so Gemma's large residual stream cannot
@@ -67,7 +71,7 @@ def _read_into_memory(model: onnx.ModelProto) -> None:
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
     _read_into_memory(model)
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(fmt.external_data(path.name))
     data.unlink(missing_ok=True)
     onnx.save_model(
         model,
@@ -88,7 +92,10 @@ def _table_users(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto
             heads = [n for n in users if n.op_type == "MatMul"]
             if len(heads) == 1:
                 return node, heads[0], inits[node.input[0]]
-    raise ValueError("decoder graph has no tied embedding table (Gather + MatMul on one initializer)")
+    raise QuantizationError(
+        "the decoder graph has no tied embedding table (Gather + MatMul on one initializer): is it an fp32 export "
+        "made by paligemma-edge export?"
+    )
 
 
 _ROWS_PER_CHUNK = 16384  # embedding rows converted at a time: a few temporaries of ~100 MB, never 2 GB
@@ -131,19 +138,20 @@ def untie_embeddings(model: onnx.ModelProto, precision: str) -> None:
     if precision == "int8":
         quantized, scale = _rows_int8(columns)
         inits += [
-            numpy_helper.from_array(quantized, "embed_rows.int8"),
-            numpy_helper.from_array(scale, "embed_rows.scale"),
+            numpy_helper.from_array(quantized, ROWS_INT8),
+            numpy_helper.from_array(scale, ROWS_SCALE),
         ]
         nodes += [
-            helper.make_node("Gather", ["embed_rows.int8", ids], ["embed.q"], axis=0),
-            helper.make_node("Gather", ["embed_rows.scale", ids], ["embed.s"], axis=0),
+            helper.make_node("Gather", [ROWS_INT8, ids], ["embed.q"], axis=0),
+            helper.make_node("Gather", [ROWS_SCALE, ids], ["embed.s"], axis=0),
             helper.make_node("Cast", ["embed.q"], ["embed.qf"], to=TensorProto.FLOAT),
             helper.make_node("Mul", ["embed.qf", "embed.s"], ["embed.rows"]),
         ]
     else:
         dtype = np.float16 if precision == "fp16" else np.float32
-        inits.append(numpy_helper.from_array(_rows_cast(columns, dtype), f"embed_rows.{precision}"))
-        nodes.append(helper.make_node("Gather", [f"embed_rows.{precision}", ids], ["embed.raw"], axis=0))
+        rows_name = f"{fmt.EMBED_ROWS_PREFIX}{precision}"
+        inits.append(numpy_helper.from_array(_rows_cast(columns, dtype), rows_name))
+        nodes.append(helper.make_node("Gather", [rows_name, ids], ["embed.raw"], axis=0))
         cast_to = TensorProto.FLOAT16 if table.data_type == TensorProto.FLOAT16 else TensorProto.FLOAT
         nodes.append(helper.make_node("Cast", ["embed.raw"], ["embed.rows"], to=cast_to))
     nodes.append(helper.make_node("Transpose", ["embed.rows"], [out], perm=[1, 0]))  # as the old Gather(axis=1)
@@ -256,40 +264,35 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe) -> dict:
+def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe) -> fmt.Manifest:
     """Write a quantized copy of an fp32 export directory; returns its manifest."""
-    source = load_manifest(in_dir)
-    if any(graph.get("quantization") for graph in source.data["graphs"].values()) or "quantization" in source.data:
-        raise ValueError(f"{in_dir} is already quantized; quantize the fp32 export instead.")
+    manifest = load_manifest(in_dir)
+    if manifest.is_quantized or any(graph.dtype != "fp32" for graph in manifest.graphs.values()):
+        raise QuantizationError(f"{in_dir} is already quantized or not fp32; quantize the fp32 export instead.")
+    source_dir = manifest.directory
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = dict(source.data)
-    graphs = {name: dict(graph) for name, graph in source.data["graphs"].items()}
+    graphs = manifest.graphs
     # the decoder (the big one) first, while the process is fresh
     steps = [("decoder", quantize_decoder, recipe.decoder), ("vision", quantize_vision, recipe.vision)]
     for name, function, precision in tqdm(steps, desc=f"quantize {recipe.name}", unit="graph"):
-        file = graphs[name]["file"]
+        file = graphs[name].file
         if precision == "fp32" and (name == "vision" or (recipe.tied and recipe.lm_head == "fp32")):
-            for suffix in ("", ".data"):
-                shutil.copyfile(source.path(file + suffix), out / (file + suffix))
+            for part in fmt.graph_files(file):
+                shutil.copyfile(source_dir / part, out / part)
             continue
-        _save(function(load_lazily(source.path(file)), recipe), out / file)
+        _save(function(load_lazily(source_dir / file), recipe), out / file)
         _return_freed_memory()
-        graphs[name]["dtype"] = precision
-    graphs["decoder"]["tied_table"] = recipe.tied
-    graphs["decoder"]["lm_head"] = recipe.lm_head
-    graphs["decoder"]["embeddings"] = recipe.embeddings
-    copied = [name for name in source.data["files"] if not name.startswith(("vision.onnx", "decoder.onnx"))]
+        graphs[name].dtype = precision
+    decoder = graphs["decoder"]
+    decoder.tied_table, decoder.lm_head, decoder.embeddings = recipe.tied, recipe.lm_head, recipe.embeddings
+    quantized_files = [part for name in ("vision", "decoder") for part in fmt.graph_files(graphs[name].file)]
+    copied = [name for name in manifest.files if name not in quantized_files]
     for name in copied:
-        shutil.copyfile(source.path(name), out / name)
-    manifest["graphs"] = graphs
-    manifest["quantization"] = {"recipe": recipe.to_dict(), "source_export": str(in_dir)}
-    manifest.pop("verification", None)
-    files = ["vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data", *copied]
-    manifest["files"] = checksum_files(out, files)
-    manifest["quantization"]["bytes"] = {
-        "vision": manifest["files"]["vision.onnx"]["bytes"] + manifest["files"]["vision.onnx.data"]["bytes"],
-        "decoder": manifest["files"]["decoder.onnx"]["bytes"] + manifest["files"]["decoder.onnx.data"]["bytes"],
-    }
-    write_manifest(out, manifest)
+        shutil.copyfile(source_dir / name, out / name)
+    manifest.quantization = {"recipe": recipe.to_dict(), "source_export": str(in_dir)}
+    manifest.verification = None
+    manifest.files = checksum_files(out, [*quantized_files, *copied])
+    manifest.quantization["bytes"] = {name: manifest.graph_bytes(name) for name in ("vision", "decoder")}
+    manifest.write(out)
     return manifest

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from ..runtime.errors import QuantizationError
+
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
 DECODER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LM_HEAD_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EMBEDDING_PRECISIONS = ("fp32", "fp16", "int8")
 BLOCK_SIZES = (32, 64, 128)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,15 @@ class Recipe:
             ("embeddings", EMBEDDING_PRECISIONS),
         ):
             if getattr(self, field) not in allowed:
-                raise ValueError(f"{field} precision must be one of {allowed}, got {getattr(self, field)!r}")
+                raise QuantizationError(f"{field} precision must be one of {allowed}, got {getattr(self, field)!r}")
         if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+            raise QuantizationError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise QuantizationError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
         if "fp16" in (self.decoder, self.lm_head) and self.decoder != self.lm_head:
-            raise ValueError("fp16 applies to the whole decoder: set decoder and lm_head to fp16 together")
+            raise QuantizationError(
+                "fp16 applies to the whole decoder: set --decoder and --lm-head to fp16 together (or use --recipe fp16)"
+            )
 
     @property
     def tied(self) -> bool:
@@ -66,5 +73,5 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
+        raise QuantizationError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
     return RECIPES[name]

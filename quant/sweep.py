@@ -31,7 +31,6 @@ def run_sweep(
     reference_dir: Path, work_dir: Path, images, prompt_list, block_size: int = 32, symmetric: bool = True
 ) -> list[dict]:
     reference = PaliGemma.load(reference_dir, verify_checksums=False)
-    ref_bytes = reference.manifest.data["files"]
     rows = []
     for component, precisions in SWEEP:
         precision = next(iter(precisions.values()))
@@ -40,8 +39,8 @@ def run_sweep(
         manifest = quantize_export(reference_dir, out, recipe)
         report = compare_exports(reference, PaliGemma.load(out, verify_checksums=False), images, prompt_list)
         graph = "vision" if component == "vision" else "decoder"
-        before = ref_bytes[f"{graph}.onnx"]["bytes"] + ref_bytes[f"{graph}.onnx.data"]["bytes"]
-        after = manifest["quantization"]["bytes"][graph]
+        before = reference.manifest.graph_bytes(graph)
+        after = manifest.graph_bytes(graph)
         rows.append(
             {
                 "component": component,

@@ -41,3 +41,7 @@ class VerificationError(PaliGemmaEdgeError, RuntimeError):
 
 class MaskDecoderError(PaliGemmaEdgeError, ValueError):
     """A VQ-VAE mask decoder file is missing, malformed, or given invalid codes."""
+
+
+class QuantizationError(PaliGemmaEdgeError, ValueError):
+    """A recipe is invalid, or an export cannot be quantized (already quantized, not fp32)."""

@@ -1,4 +1,4 @@
-"""Image loading and preprocessing, identical to transformers' `SiglipImageProcessorPil` (spec §1).
+"""Image loading and preprocessing, identical to transformers' `SiglipImageProcessorPil` (docs/io-contract.md §1).
 
 RGB (transparency composited onto white, grayscale replicated), bicubic squash to R×R with PIL,
 ``uint8 / 255`` in float64 then float32, ``(x − 0.5) / 0.5``, channels first.
@@ -15,6 +15,11 @@ from . import spec
 from .errors import ImageError
 
 ImageInput = str | Path | Image.Image | np.ndarray
+
+
+def demo_image_path() -> Path:
+    """The bundled image (a house, a car and the sun) that demos, verification and reports use."""
+    return Path(__file__).resolve().parent / spec.DEMO_IMAGE
 
 
 def load_image(image: ImageInput) -> Image.Image:

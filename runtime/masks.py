@@ -1,12 +1,15 @@
 """Attention masks for prefix-LM decoding, as small pure functions over numpy arrays.
 
-The definition is big_vision's (spec §3.4): token j is visible to token i iff
+The definition is big_vision's (docs/io-contract.md §4): token j is visible to token i iff
 ``cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]`` and both are valid, where mask_ar is 0 for prefix
 tokens (image + bos + prompt + "\\n", attended bidirectionally) and 1 for suffix tokens (causal).
 This covers padding, batches of different lengths and multi-token suffixes in one call.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,7 +28,7 @@ def make_attn_mask(mask_ar: np.ndarray, valid: np.ndarray, num_queries: int | No
 
 
 def restrict_to_window(mask: np.ndarray, positions: np.ndarray, mask_ar: np.ndarray, window: int) -> np.ndarray:
-    """Gemma 2 sliding-window layers, transformers' rule (spec §3.7).
+    """Gemma 2 sliding-window layers, transformers' rule (docs/io-contract.md §6).
 
     A query sees keys fewer than ``window`` positions back; pairs of prefix tokens always see each
     other (transformers ORs its bidirectional prefix block over the window). Distances use token
@@ -52,5 +55,56 @@ def place_in_buffer(mask: np.ndarray, capacity: int) -> np.ndarray:
 
 
 def positions_from_valid(valid: np.ndarray) -> np.ndarray:
-    """1-indexed positions that skip padding (transformers' PaliGemma convention, spec §3.5)."""
+    """1-indexed positions that skip padding (transformers' PaliGemma convention, docs/io-contract.md §5)."""
     return np.where(valid, np.cumsum(valid, axis=1), 1).astype(np.int64)
+
+
+@dataclass
+class TokenLayout:
+    """Per-token flags of every token a cache holds, [B, K] each: what masks are built from."""
+
+    mask_ar: np.ndarray  # int32: 0 = prefix, 1 = suffix
+    valid: np.ndarray  # bool: False = padding
+    positions: np.ndarray  # int64
+
+    @classmethod
+    def empty(cls, batch_size: int) -> TokenLayout:
+        return cls(
+            np.zeros((batch_size, 0), np.int32), np.zeros((batch_size, 0), bool), np.zeros((batch_size, 0), np.int64)
+        )
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def append(self, is_suffix: np.ndarray, valid: np.ndarray, positions: np.ndarray) -> None:
+        self.mask_ar = np.concatenate([self.mask_ar, is_suffix.astype(np.int32)], axis=1)
+        self.valid = np.concatenate([self.valid, valid.astype(bool)], axis=1)
+        self.positions = np.concatenate([self.positions, positions.astype(np.int64)], axis=1)
+
+    def select(self, rows: Sequence[int]) -> TokenLayout:
+        rows = list(rows)
+        return TokenLayout(self.mask_ar[rows], self.valid[rows], self.positions[rows])
+
+    def left_padded(self, length: int) -> TokenLayout:
+        """The same rows preceded by invalid slots up to ``length``."""
+        pad = length - self.length
+        if pad == 0:
+            return self
+        batch = self.valid.shape[0]
+        return TokenLayout(
+            np.concatenate([np.zeros((batch, pad), np.int32), self.mask_ar], axis=1),
+            np.concatenate([np.zeros((batch, pad), bool), self.valid], axis=1),
+            np.concatenate([np.ones((batch, pad), np.int64), self.positions], axis=1),
+        )
+
+    @staticmethod
+    def concat(layouts: Sequence[TokenLayout]) -> TokenLayout:
+        """Rows of all layouts, each left-padded to the longest."""
+        length = max(layout.length for layout in layouts)
+        padded = [layout.left_padded(length) for layout in layouts]
+        return TokenLayout(
+            np.concatenate([p.mask_ar for p in padded]),
+            np.concatenate([p.valid for p in padded]),
+            np.concatenate([p.positions for p in padded]),
+        )

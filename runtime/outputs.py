@@ -1,4 +1,4 @@
-"""Turn `detect` / `segment` output strings into objects (spec §6–7).
+"""Turn `detect` / `segment` output strings into objects (docs/io-contract.md §8, §12).
 
 Each object is four ``<locNNNN>`` tokens (y_min, x_min, y_max, x_max over 1024 bins), optionally
 16 ``<segNNN>`` codes, then an optional label; objects are joined by " ; ". Model output is

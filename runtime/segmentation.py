@@ -1,4 +1,4 @@
-"""Masks from `<seg>` codes: the VQ-VAE decoder (run by onnxruntime) and pasting into the box (spec §7)."""
+"""Masks from `<seg>` codes: the VQ-VAE decoder (onnxruntime) and pasting into the box (docs/io-contract.md §12)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from PIL import Image
 
 from . import spec
 from .errors import MaskDecoderError
+from .export_format import SEG_CODES
 
 MASK_SIZE = 64
-HOW_TO_ADD = (
+NO_MASK_DECODER_NOTE = (
     "no mask decoder in this export: boxes and <seg> codes only. Add one with "
     "`paligemma-edge attach-seg-decoder EXPORT_DIR vae-oid.npz` (or `paligemma-edge export … --seg-decoder "
     "vae-oid.npz`); vae-oid.npz is big_vision's PaliGemma VQ-VAE checkpoint."
@@ -36,16 +37,6 @@ class MaskDecoder:
         except Exception as error:
             raise MaskDecoderError(f"onnxruntime cannot load {path}: {error}") from error
 
-    @classmethod
-    def from_npz(cls, path: str | Path) -> MaskDecoder:
-        """Build the graph from big_vision's vae-oid.npz (needs the `onnx` package)."""
-        try:
-            from ..export.seg_decoder import build_graph, load_vae_npz
-        except ImportError as error:
-            raise MaskDecoderError("MaskDecoder.from_npz needs the `onnx` package: pip install onnx") from error
-        model = build_graph(load_vae_npz(path))
-        return cls(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]))
-
     def decode(self, codes: Sequence[int] | np.ndarray) -> np.ndarray:
         """codes [16] or [B, 16] in [0, 127] → float32 logits [64, 64] or [B, 64, 64]."""
         array = np.asarray(codes)
@@ -59,7 +50,7 @@ class MaskDecoder:
             )
         if not len(batch):
             return np.zeros((0, MASK_SIZE, MASK_SIZE), np.float32)
-        (logits,) = self.session.run(None, {"codes": batch.astype(np.int64)})
+        (logits,) = self.session.run(None, {SEG_CODES: batch.astype(np.int64)})
         return logits[0] if single else logits
 
 

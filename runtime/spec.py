@@ -1,6 +1,7 @@
-"""Constants of the PaliGemma I/O specification (shared/spec/paligemma-io.md), in one place.
+"""Constants of PaliGemma's input/output contract (docs/io-contract.md), in one place.
 
-Token *ids* are deliberately absent: they are read from each export's tokenizer (spec §5).
+Token *ids* are deliberately absent: they are read from each export's tokenizer (§7).
+The export format's own names live in export_format.py, the task prefixes in tasks.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ IMAGE_TOKEN = "<image>"
 BOS_TOKEN = "<bos>"
 EOS_TOKEN = "<eos>"
 PAD_TOKEN = "<pad>"
-PROMPT_END = "\n"  # appended to every prompt (spec §2); not a stop token (spec §9)
+PROMPT_END = "\n"  # appended to every prompt (§2); not a stop token (§11)
 
 NUM_LOC_TOKENS = 1024  # <loc0000> … <loc1023>
 NUM_SEG_TOKENS = 128  # <seg000> … <seg127>
@@ -26,25 +27,18 @@ def seg_token(index: int) -> str:
     return f"<seg{index:03d}>"
 
 
-# Image preprocessing (spec §1): RGB, bicubic squash to R×R, x/255, (x − 0.5) / 0.5.
+# Image preprocessing (§1): RGB, bicubic squash to R×R, x/255, (x − 0.5) / 0.5.
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
 PATCH_SIZE = 14
 
-# Box de-normalisation divisor (spec §6): 1024 as in the HF Space parser, 1023 as in big_vision.
+# Box de-normalisation divisor (§8): 1024 as in the HF Space parser, 1023 as in big_vision.
 LOC_DIVISOR_HF = 1024
 LOC_DIVISOR_BIG_VISION = 1023
 
-# Generation defaults (spec §9).
+# Generation defaults (§11).
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_NEW_TOKENS_LOCALIZATION = 100  # detect / segment, as in the HF Space
 
-# Task prefixes (spec §8); the runtime appends PROMPT_END.
-CAPTION_PREFIXES = ("cap", "caption", "describe")
-TASK_PREFIXES = ("cap", "caption", "describe", "ocr", "answer", "question", "detect", "segment")
-
 # Bundled demo / verification image (a house, a car and the sun; 320×240).
 DEMO_IMAGE = "assets/demo.png"
-
-# Export format: a negative decoder input id marks a position filled from `image_embeds`.
-IMAGE_SLOT = -1

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_edge.export.random_checkpoint import TinySpec, make_tiny_checkpoint
+from paligemma_edge.export.random_checkpoint import CheckpointShape, make_tiny_checkpoint
 
 VARIANTS = {
     # PaliGemma 1: Gemma decoder, one KV head (MQA), 224 px
-    "pg1": TinySpec(version=1, kv_heads=1, seed=1),
+    "pg1": CheckpointShape(version=1, kv_heads=1, seed=1),
     # PaliGemma 1 with several KV heads (GQA) at 448 px (1024 image tokens)
-    "pg1_gqa_448": TinySpec(version=1, kv_heads=2, image_size=448, seed=2),
+    "pg1_gqa_448": CheckpointShape(version=1, kv_heads=2, image_size=448, seed=2),
     # PaliGemma 2: softcaps, post-norms, GQA, a sliding window shorter than the prefix, and 64
     # padding rows past the tokenizer's vocabulary (as HF's 257216 vs 257152)
-    "pg2": TinySpec(version=2, kv_heads=2, sliding_window=24, seed=3, vocab_size=1424 + 64),
+    "pg2": CheckpointShape(version=2, kv_heads=2, sliding_window=24, seed=3, vocab_size=1424 + 64),
 }
 
 
@@ -40,7 +40,7 @@ def exports(tmp_path_factory) -> dict[str, Exported]:
     built = {}
     for name, tiny in VARIANTS.items():
         checkpoint = make_tiny_checkpoint(root / f"{name}-hf", tiny)
-        manifest = export_model(checkpoint, root / name)
+        manifest = export_model(checkpoint, root / name).to_dict()
         built[name] = Exported(name, checkpoint, root / name, manifest)
     return built
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from paligemma_edge.export.full_size import BASE_VOCAB, HF_VOCAB, PRESETS, make_full_size_checkpoint
-from paligemma_edge.export.random_checkpoint import TinySpec
+from paligemma_edge.export.random_checkpoint import CheckpointShape
 
 from .conftest import run_cli
 
@@ -95,7 +95,7 @@ def test_random_checkpoint_streams_shards_with_real_ids(tmp_path):
     import torch
     from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
-    small = TinySpec(version=2, kv_heads=2, vocab_size=HF_VOCAB)
+    small = CheckpointShape(version=2, kv_heads=2, vocab_size=HF_VOCAB)
     out = make_full_size_checkpoint(small, tmp_path / "ckpt", shard_bytes=16 * 1024**2)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3  # the 257216×64 table alone is 66 MB

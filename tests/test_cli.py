@@ -29,7 +29,23 @@ def test_run_json_matches_api(exports, images, tmp_path):
     expected = PaliGemma.load(export_dir).generate(image, "detect house ; car", max_new_tokens=12)
     assert report["token_ids"] == expected.token_ids and report["text"] == expected.text
     assert report["image_size"] == [images[0].width, images[0].height]
-    assert {"load_s", "vision_s", "generate_s"} <= set(report["timings"])
+    assert {"load_s", "preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_tok_s"} <= set(report["timings"])
+    assert report["finish_reason"] == expected.finish_reason
+    assert report["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": len(expected.token_ids)}
+
+
+def test_run_takes_the_decoding_options(exports, images, tmp_path):
+    image = tmp_path / "i.png"
+    images[1].save(image)
+    export_dir = exports["pg1"].export_dir
+    options = {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 3, "repetition_penalty": 1.2}
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
+    out = run_cli(
+        "run", export_dir, "--image", image, "--prompt", "caption en", "--max-new-tokens", "10", *flags, "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    expected = PaliGemma.load(export_dir).generate(image, "caption en", 10, **options)
+    assert json.loads(out.stdout)["token_ids"] == expected.token_ids
 
 
 def test_info(exports):

@@ -89,11 +89,11 @@ def test_missing_graph_file(export_copy):
 
 def test_corrupt_graph_with_matching_manifest(export_copy):
     """A broken ONNX file whose manifest entry was rewritten still fails with a typed error."""
-    from paligemma_edge.runtime.manifest import checksum_files
+    from paligemma_edge.runtime.export_format import checksum_files
 
     (export_copy / "decoder.onnx").write_bytes(b"garbage" * 10)
     data = json.loads((export_copy / "manifest.json").read_text())
-    data["files"].update(checksum_files(export_copy, ["decoder.onnx"]))
+    data["files"]["decoder.onnx"] = vars(checksum_files(export_copy, ["decoder.onnx"])["decoder.onnx"])
     (export_copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(CorruptExportError, match="onnxruntime cannot load"):
         PaliGemma.load(export_copy)

@@ -9,7 +9,7 @@ import onnx
 
 from paligemma_edge import PaliGemma
 from paligemma_edge.export.exporter import ExportSettings, export_model
-from paligemma_edge.runtime.manifest import load_manifest
+from paligemma_edge.runtime.export_format import load_manifest
 
 
 def test_manifest_records_what_the_runtime_needs(exports):
@@ -19,7 +19,7 @@ def test_manifest_records_what_the_runtime_needs(exports):
     tokens = manifest["tokens"]
     assert tokens["loc0"] + 1024 == tokens["seg0"] and tokens["seg0"] + 128 == tokens["image"]
     assert tokens["eos"] == [1] and tokens["bos"] == 2 and tokens["pad"] == 0
-    text = manifest["text"]
+    text = manifest["language_model"]
     assert (text["num_kv_heads"], text["head_dim"], text["sliding_window"]) == (2, 16, 24)
     assert text["vocab_size"] == tokens["vocab_size"] + 64
     assert set(manifest["files"]) == {
@@ -40,7 +40,7 @@ def test_decoder_graph_is_dynamic_and_holds_the_table_once(exports):
     assert dims["input_ids"] == ["batch", "seq"]
     assert dims["attention_mask"] == ["batch", 1, "seq", "total_seq"]
     assert dims["past_key_values.0.key"] == ["batch", 1, "past_seq", 16]
-    vocab = exports["pg1"].manifest["text"]["vocab_size"]
+    vocab = exports["pg1"].manifest["language_model"]["vocab_size"]
     tables = [i for i in model.graph.initializer if vocab in i.dims]
     assert len(tables) == 1 and list(tables[0].dims) == [64, vocab]
     users = [n.op_type for n in model.graph.node if tables[0].name in n.input]
@@ -48,14 +48,14 @@ def test_decoder_graph_is_dynamic_and_holds_the_table_once(exports):
 
 
 def test_fp16_export_runs_within_tolerance(exports, tmp_path, images):
-    manifest = export_model(exports["pg1"].checkpoint, tmp_path / "fp16", ExportSettings(dtype="fp16"))
+    manifest = export_model(exports["pg1"].checkpoint, tmp_path / "fp16", ExportSettings(dtype="fp16")).to_dict()
     assert manifest["graphs"]["decoder"]["dtype"] == manifest["graphs"]["vision"]["dtype"] == "fp16"
     assert manifest["verification"]["passed"]
     model = PaliGemma.load(tmp_path / "fp16")
     result = model.generate(images[0], "caption en", max_new_tokens=8)
     logits = model.score(images[0], "caption en", result.token_ids)
     assert np.isfinite(logits).all() and len(result.token_ids) >= 1
-    fp16_bytes = load_manifest(tmp_path / "fp16").data["files"]["decoder.onnx.data"]["bytes"]
+    fp16_bytes = load_manifest(tmp_path / "fp16").files["decoder.onnx.data"].bytes
     assert fp16_bytes < 0.6 * exports["pg1"].manifest["files"]["decoder.onnx.data"]["bytes"]
 
 
@@ -72,7 +72,7 @@ def test_isolated_torch_stage_gives_the_same_export(exports, tmp_path):
     """Large checkpoints export in a child process (torch.export holds the weights); same result, typed errors."""
     from paligemma_edge.runtime.errors import CheckpointError
 
-    manifest = export_model(exports["pg1"].checkpoint, tmp_path / "iso", ExportSettings(isolate=True))
+    manifest = export_model(exports["pg1"].checkpoint, tmp_path / "iso", ExportSettings(isolate=True)).to_dict()
     assert manifest["verification"]["passed"]
     assert manifest["files"]["decoder.onnx.data"] == exports["pg1"].manifest["files"]["decoder.onnx.data"]
     assert not (tmp_path / "iso" / ".transformers_reference.npz").exists()

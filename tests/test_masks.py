@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paligemma_edge.runtime.cache import KVCache
+from paligemma_edge.runtime.backends.kv_buffers import KVBuffers
 from paligemma_edge.runtime.masks import make_attn_mask, place_in_buffer, positions_from_valid, restrict_to_window
 
 
@@ -60,7 +60,8 @@ def test_place_in_buffer_hides_unwritten_slots():
 
 
 def test_kv_cache_appends_in_place_and_grows_by_blocks():
-    cache = KVCache(["k", "v"], batch=2, kv_heads=3, head_dim=4, dtype=np.float32, block=8)
+    cache = KVBuffers.empty(2, batch=2, kv_heads=3, head_dim=4, dtype=np.float32)
+    cache.block = 8
     rng = np.random.default_rng(0)
     written = [np.zeros((2, 3, 0, 4), np.float32)] * 2
     for count in (5, 1, 1, 1, 1, 6):  # 5 → 8 slots, 9 → 16, 15 stays
@@ -74,4 +75,3 @@ def test_kv_cache_appends_in_place_and_grows_by_blocks():
     for buffer, expected in zip(cache.buffers, written):
         np.testing.assert_array_equal(buffer[:, :, :15], expected)
         assert not buffer[:, :, 15:].any()  # unwritten slots are zeros (0 × NaN would poison masked slots)
-    assert list(cache.feeds()) == ["k", "v"]

@@ -1,4 +1,4 @@
-"""Known-answer tests for the detect / segment output parser (spec §6–7)."""
+"""Known-answer tests for the detect / segment output parser (docs/io-contract.md §8, §12)."""
 
 from __future__ import annotations
 

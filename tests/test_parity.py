@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paligemma_edge import PaliGemma
-from paligemma_edge.runtime.cache import CAPACITY_BLOCK
+from paligemma_edge.runtime.backends.kv_buffers import CAPACITY_BLOCK
 from paligemma_edge.runtime.images import load_image, preprocess
 
 from .conftest import PROMPTS, hf_generate, load_hf
@@ -145,9 +145,9 @@ def test_stops_on_any_eos_id(tmp_path, images):
     import json
 
     from paligemma_edge.export.exporter import export_model
-    from paligemma_edge.export.random_checkpoint import TinySpec, make_tiny_checkpoint
+    from paligemma_edge.export.random_checkpoint import CheckpointShape, make_tiny_checkpoint
 
-    checkpoint = make_tiny_checkpoint(tmp_path / "hf", TinySpec(seed=11))
+    checkpoint = make_tiny_checkpoint(tmp_path / "hf", CheckpointShape(seed=11))
     model, processor = load_hf(checkpoint)
     free_run = hf_generate(model, processor, [images[0]], ["caption en"], STEPS)[0]
     stop_token = free_run[5]
@@ -156,7 +156,7 @@ def test_stops_on_any_eos_id(tmp_path, images):
     config = json.loads(config_path.read_text())
     config["eos_token_id"] = [config["eos_token_id"], stop_token]
     config_path.write_text(json.dumps(config))
-    manifest = export_model(checkpoint, tmp_path / "export")
+    manifest = export_model(checkpoint, tmp_path / "export").to_dict()
     assert stop_token in manifest["tokens"]["eos"]
     model, processor = load_hf(checkpoint)
     expected = hf_generate(model, processor, [images[0]], ["caption en"], STEPS)[0]

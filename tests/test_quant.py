@@ -12,11 +12,11 @@ from PIL import Image
 
 from paligemma_edge import PaliGemma
 from paligemma_edge.export.exporter import ExportSettings, export_model
-from paligemma_edge.export.random_checkpoint import TinySpec, _build, _save
+from paligemma_edge.export.random_checkpoint import CheckpointShape, _build, _save
 from paligemma_edge.quant.compare import compare_exports, default_images, logit_metrics
 from paligemma_edge.quant.quantize import load_lazily, quantize_export, read_tensor
 from paligemma_edge.quant.recipes import RECIPES, Recipe, get_recipe
-from paligemma_edge.runtime.manifest import load_manifest
+from paligemma_edge.runtime.export_format import Manifest, load_manifest
 
 from .conftest import run_cli
 
@@ -29,15 +29,15 @@ def graph_ops(path) -> dict[str, int]:
     return counts
 
 
-def graph_bytes(manifest: dict, graph: str) -> int:
-    return sum(manifest["files"][f"{graph}.onnx{suffix}"]["bytes"] for suffix in ("", ".data"))
+def graph_bytes(manifest: Manifest, graph: str) -> int:
+    return sum(manifest.files[f"{graph}.onnx{suffix}"].bytes for suffix in ("", ".data"))
 
 
 @pytest.fixture(scope="module")
 def quantized(exports, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     return {
-        name: quantize_export(exports["pg1"].export_dir, root / name, recipe) | {"dir": root / name}
+        name: quantize_export(exports["pg1"].export_dir, root / name, recipe).to_dict() | {"dir": root / name}
         for name, recipe in RECIPES.items()
     }
 
@@ -116,7 +116,7 @@ def test_int8_graphs_hold_integer_weights(quantized):
 
 def test_block_size_asymmetric_and_overrides(exports, tmp_path):
     recipe = get_recipe("int4").with_overrides(block_size=64, symmetric=False, vision="fp32", lm_head="int4")
-    manifest = quantize_export(exports["pg2"].export_dir, tmp_path / "q", recipe)
+    manifest = quantize_export(exports["pg2"].export_dir, tmp_path / "q", recipe).to_dict()
     model = onnx.load(str(tmp_path / "q" / "decoder.onnx"), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nbits} == {64}
@@ -128,7 +128,7 @@ def test_block_size_asymmetric_and_overrides(exports, tmp_path):
 
 
 def test_int4_decoder_is_small_when_weights_dominate(tmp_path):
-    tiny = TinySpec(text_hidden=256, head_dim=64, text_mlp=2048, text_layers=4, seed=7)
+    tiny = CheckpointShape(text_hidden=256, head_dim=64, text_mlp=2048, text_layers=4, seed=7)
     from paligemma_edge.export.random_checkpoint import make_tiny_checkpoint
 
     fp32 = export_model(make_tiny_checkpoint(tmp_path / "hf", tiny), tmp_path / "fp32", ExportSettings(verify=False))
@@ -141,7 +141,7 @@ def test_int4_decoder_is_small_when_weights_dominate(tmp_path):
 
 def test_fp16_guards_gemma_overflow(tmp_path, images):
     """A residual stream beyond fp16's 65504 stays finite: only weight-bearing ops run in fp16."""
-    tiny = TinySpec(version=2, kv_heads=2, seed=5)
+    tiny = CheckpointShape(version=2, kv_heads=2, seed=5)
     model, tokenizer = _build(tiny)
     with torch.no_grad():  # post-norm gains of 3e4: block outputs pass 65504
         for layer in model.model.language_model.layers:
@@ -197,6 +197,7 @@ def test_compare_cli_table_json_and_manifest(quantized, exports, tmp_path):
         "--prompts",
         str(tmp_path / "prompts.txt"),
         "--json",
+        "--write-manifest",
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -204,7 +205,7 @@ def test_compare_cli_table_json_and_manifest(quantized, exports, tmp_path):
     summary = report["summary"]
     assert 0.0 <= summary["top1_agreement"] <= 1.0 and summary["mean_kl"] >= 0.0
     assert -1.0 <= summary["mean_cosine"] <= 1.0
-    stored = load_manifest(quantized["int4"]["dir"]).data["quality"]
+    stored = load_manifest(quantized["int4"]["dir"]).quality
     assert stored[exports["pg1"].export_dir.name] == summary
 
 
@@ -224,7 +225,7 @@ def test_sweep_reports_each_component(exports, tmp_path):
 def test_export_with_quant_flag(exports, tmp_path):
     out = run_cli("export", str(exports["pg1"].checkpoint), str(tmp_path / "q"), "--quant", "int4", "--json")
     assert out.returncode == 0, out.stderr
-    manifest = load_manifest(tmp_path / "q").data
+    manifest = load_manifest(tmp_path / "q").to_dict()
     assert manifest["quantization"]["recipe"]["name"] == "int4"
     assert manifest["source_verification"]["passed"] and "fp32" in manifest["quality"]
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # the fp32 scratch export is gone

@@ -1,4 +1,4 @@
-"""Mask decoder (spec §7), scores, NMS, drawing and interchange — end to end on a scripted checkpoint."""
+"""Mask decoder (io-contract §12), scores, NMS, drawing and interchange — end to end on a scripted checkpoint."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from torch import nn
 
 from paligemma_edge import PaliGemma, parse_output
 from paligemma_edge.export.exporter import ExportSettings, attach_mask_decoder, export_model
-from paligemma_edge.export.random_checkpoint import TinySpec, make_scripted_checkpoint
+from paligemma_edge.export.random_checkpoint import CheckpointShape, make_scripted_checkpoint
+from paligemma_edge.export.seg_decoder import mask_decoder_from_npz
 from paligemma_edge.runtime.draw import draw_objects
 from paligemma_edge.runtime.errors import MaskDecoderError
 from paligemma_edge.runtime.outputs import DetectedObject, non_max_suppression, rle_to_mask
-from paligemma_edge.runtime.segmentation import MaskDecoder, paste_mask
+from paligemma_edge.runtime.segmentation import paste_mask
 
 from .conftest import run_cli
 
@@ -93,7 +94,7 @@ def test_onnx_mask_decoder_matches_torch_reference(tmp_path, dim, res_hidden):
     codes = np.random.default_rng(1).integers(0, 128, size=(5, 16))
     with torch.no_grad():
         expected = TorchDecoder(arrays)(torch.from_numpy(codes)).numpy()
-    decoder = MaskDecoder.from_npz(tmp_path / "vae.npz")
+    decoder = mask_decoder_from_npz(tmp_path / "vae.npz")
     got = decoder.decode(codes)
     assert got.shape == (5, 64, 64) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
@@ -102,25 +103,25 @@ def test_onnx_mask_decoder_matches_torch_reference(tmp_path, dim, res_hidden):
 
 def test_mask_decoder_errors(tmp_path):
     arrays = write_vae_npz(tmp_path / "vae.npz", 16, 8)
-    decoder = MaskDecoder.from_npz(tmp_path / "vae.npz")
+    decoder = mask_decoder_from_npz(tmp_path / "vae.npz")
     with pytest.raises(MaskDecoderError, match=r"\[0, 127\]"):
         decoder.decode([0] * 15 + [128])
     with pytest.raises(MaskDecoderError, match="16 integers"):
         decoder.decode([1, 2, 3])
     with pytest.raises(MaskDecoderError, match="does not exist"):
-        MaskDecoder.from_npz(tmp_path / "missing.npz")
+        mask_decoder_from_npz(tmp_path / "missing.npz")
     broken = dict(arrays)
     del broken["decoder.6.bias"]
     np.savez(tmp_path / "missing_key.npz", **broken)
     with pytest.raises(MaskDecoderError, match="decoder.6.bias"):
-        MaskDecoder.from_npz(tmp_path / "missing_key.npz")
+        mask_decoder_from_npz(tmp_path / "missing_key.npz")
     wrong = dict(arrays, **{"decoder.8.weight": np.zeros((64, 32, 3, 3), np.float32)})
     np.savez(tmp_path / "wrong_shape.npz", **wrong)
     with pytest.raises(MaskDecoderError, match="decoder.8.weight"):
-        MaskDecoder.from_npz(tmp_path / "wrong_shape.npz")
+        mask_decoder_from_npz(tmp_path / "wrong_shape.npz")
     np.savez(tmp_path / "pickled.npz", **dict(arrays, **{"decoder.0.bias": np.array([object()], dtype=object)}))
     with pytest.raises(MaskDecoderError, match="Cannot read"):
-        MaskDecoder.from_npz(tmp_path / "pickled.npz")
+        mask_decoder_from_npz(tmp_path / "pickled.npz")
 
 
 def test_paste_mask_known_answer():
@@ -156,7 +157,7 @@ SCRIPT = "<loc0256><loc0128><loc0768><loc0640>" + "".join(f"<seg{i:03d}>" for i 
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
     root = tmp_path_factory.mktemp("scripted")
-    checkpoint = make_scripted_checkpoint(root / "hf", SCRIPT, TinySpec(version=2, kv_heads=2))
+    checkpoint = make_scripted_checkpoint(root / "hf", SCRIPT, CheckpointShape(version=2, kv_heads=2))
     arrays = write_vae_npz(root / "vae-oid.npz", 64, 32)
     export_model(checkpoint, root / "export", ExportSettings(seg_decoder=root / "vae-oid.npz"))
     export_model(checkpoint, root / "plain", ExportSettings(verify=False))

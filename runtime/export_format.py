@@ -1,0 +1,397 @@
+"""The export directory's format, in one place: file names, graph input/output names, the manifest schema.
+
+Export and quantize write it, the runtime, quant and bench read it; nothing else spells these names.
+The manifest is `manifest.json`, a versioned set of dataclasses (`Manifest.to_dict` / `Manifest.from_dict`).
+The graphs' contract is described in docs/io-contract.md §10.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .errors import ChecksumMismatchError, CorruptExportError, ExportNotFoundError
+
+FORMAT_NAME = "paligemma-edge"
+# v2: the decoder reads a KV buffer and returns only the new tokens' keys/values.
+# v3: "text" renamed "language_model", "decoder_backend" recorded (v2 manifests are read as v3).
+FORMAT_VERSION = 3
+OLDEST_READABLE_VERSION = 2
+
+MANIFEST_FILE = "manifest.json"
+VISION_FILE = "vision.onnx"
+DECODER_FILE = "decoder.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+MASK_DECODER_FILE = "mask_decoder.onnx"
+EXTERNAL_DATA_SUFFIX = ".data"
+
+ONNX_BACKEND = "onnxruntime"
+
+# vision graph: pixel_values [B, 3, R, R] float32 → image_features [B, N, hidden]
+PIXEL_VALUES = "pixel_values"
+IMAGE_FEATURES = "image_features"
+
+# decoder graph inputs (the cache buffers follow) and outputs
+INPUT_IDS = "input_ids"
+IMAGE_EMBEDS = "image_embeds"
+POSITION_IDS = "position_ids"
+LOGITS_POSITIONS = "logits_positions"
+ATTENTION_MASK = "attention_mask"
+SLIDING_ATTENTION_MASK = "sliding_attention_mask"
+LOGITS = "logits"
+DECODER_INPUTS = (INPUT_IDS, IMAGE_EMBEDS, POSITION_IDS, LOGITS_POSITIONS, ATTENTION_MASK)
+
+# mask decoder graph: codes [B, 16] int64 → mask_logits [B, 64, 64]
+SEG_CODES = "codes"
+MASK_LOGITS = "mask_logits"
+
+# initializers of an untied embedding lookup (quantize writes them; bench leaves them out of per-token bytes)
+EMBED_ROWS_PREFIX = "embed_rows."
+
+IMAGE_SLOT = -1  # a negative decoder input id marks a position filled from image_embeds
+_HASH_CHUNK = 16 * 1024 * 1024
+
+
+def cache_input_names(num_layers: int) -> list[str]:
+    """The KV buffers the decoder reads, layer by layer, key before value."""
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def cache_output_names(num_layers: int) -> list[str]:
+    """This call's keys/values only (not past + new): the runtime writes them into its buffer."""
+    return [f"new.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def external_data(graph_file: str) -> str:
+    return graph_file + EXTERNAL_DATA_SUFFIX
+
+
+def graph_files(graph_file: str) -> list[str]:
+    """A graph and its external weights file."""
+    return [graph_file, external_data(graph_file)]
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class LanguageModelConfig:
+    """Hyper-parameters of the Gemma / Gemma 2 decoder."""
+
+    architecture: str  # "gemma" or "gemma2"
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    layer_types: list[str]
+    sliding_window: int | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    max_positions: int | None = None
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    patch_size: int
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Special token ids, read from the checkpoint's tokenizer (never hard-coded)."""
+
+    image: int
+    bos: int
+    eos: tuple[int, ...]
+    pad: int
+    loc0: int
+    seg0: int
+    newline: int | None = None
+    vocab_size: int | None = None
+
+
+@dataclass
+class GraphEntry:
+    file: str
+    dtype: str
+    inputs: list[str]
+    outputs: list[str]
+    tied_table: bool = True  # decoder: one table serves the lookup and the LM head (opened without prepacking)
+    lm_head: str | None = None  # decoder of a quantized export: precisions of the LM head and the lookup
+    embeddings: str | None = None
+    source: dict[str, Any] | None = None  # mask decoder: the npz it was built from
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """manifest.json of an export directory. ``directory`` is where it was read from (not serialized)."""
+
+    model_type: str  # "paligemma" or "paligemma2"
+    source: str
+    image_size: int
+    num_image_tokens: int
+    language_model: LanguageModelConfig
+    vision: VisionConfig
+    tokens: TokenIds
+    graphs: dict[str, GraphEntry]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    tokenizer: str = TOKENIZER_FILE
+    decoder_backend: str = ONNX_BACKEND
+    random_weights: bool = False
+    versions: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] | None = None
+    source_verification: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
+    sliding_window_rule: str | None = None
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    directory: Path | None = field(default=None, compare=False)
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, data: Any, where: str = MANIFEST_FILE) -> Manifest:
+        """Validate and parse; every problem is a CorruptExportError naming the field."""
+        if not isinstance(data, dict):
+            raise CorruptExportError(f"{where} does not hold a JSON object; re-run the export.")
+        version = data.get("format_version")
+        if data.get("format") != FORMAT_NAME or not isinstance(version, int) or isinstance(version, bool):
+            raise CorruptExportError(
+                f"{where} is not a {FORMAT_NAME!r} manifest with an integer format_version "
+                f"(format {data.get('format')!r}, format_version {version!r}); re-run the export."
+            )
+        if version > FORMAT_VERSION:
+            raise CorruptExportError(
+                f"{where} is {FORMAT_NAME!r} v{version}; this paligemma-edge reads up to v{FORMAT_VERSION}. "
+                "Upgrade paligemma-edge or re-export."
+            )
+        if version < OLDEST_READABLE_VERSION:
+            raise CorruptExportError(
+                f"{where} is {FORMAT_NAME!r} v{version}, made by an older paligemma-edge whose decoder graph has "
+                f"another KV-cache interface; re-run the export (this version reads v{OLDEST_READABLE_VERSION}"
+                f"–v{FORMAT_VERSION})."
+            )
+        data = dict(data)
+        if version == 2 and "text" in data:  # v2 → v3: same graphs, renamed key
+            data["language_model"] = data.pop("text")
+        try:
+            tokens = dict(_require(data, "tokens", dict, where))
+            tokens["eos"] = tuple(tokens.get("eos", ()))
+            return cls(
+                **{
+                    **_plain(data, cls, where),
+                    "language_model": _build(LanguageModelConfig, _require(data, "language_model", dict, where)),
+                    "vision": _build(VisionConfig, _require(data, "vision", dict, where)),
+                    "tokens": _build(TokenIds, tokens),
+                    "graphs": {k: _build(GraphEntry, v) for k, v in _require(data, "graphs", dict, where).items()},
+                    "files": {k: _build(FileEntry, v) for k, v in _require(data, "files", dict, where).items()},
+                    "format_version": FORMAT_VERSION,
+                }
+            )
+        except (TypeError, ValueError, AttributeError) as error:
+            raise CorruptExportError(f"{where} is malformed ({error}); re-run the export.") from error
+
+    # ------------------------------------------------------------------ writing
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "directory"}
+        for key in ("language_model", "vision", "tokens"):
+            data[key] = asdict(data[key])
+        data["tokens"]["eos"] = list(self.tokens.eos)
+        data["graphs"] = {k: {n: v for n, v in asdict(g).items() if v is not None} for k, g in self.graphs.items()}
+        data["files"] = {k: asdict(v) for k, v in self.files.items()}
+        return {k: v for k, v in data.items() if v is not None}
+
+    def write(self, directory: str | Path | None = None) -> Path:
+        """Write manifest.json atomically (a temporary file renamed over the old one)."""
+        directory = Path(directory or self.directory)
+        path = directory / MANIFEST_FILE
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_FILE}.")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+        self.directory = directory
+        return path
+
+    # ------------------------------------------------------------------ use
+    def path(self, name: str) -> Path:
+        if self.directory is None:
+            raise CorruptExportError("this manifest was not read from a directory")
+        return self.directory / name
+
+    def graph(self, name: str) -> GraphEntry:
+        if name not in self.graphs:
+            raise CorruptExportError(f"the manifest lists no {name!r} graph; re-run the export.")
+        return self.graphs[name]
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantization is not None
+
+    @property
+    def precision(self) -> str:
+        """The recipe name of a quantized export, else the decoder's dtype."""
+        return self.quantization["recipe"]["name"] if self.quantization else self.graph("decoder").dtype
+
+    def graph_bytes(self, name: str) -> int:
+        return sum(self.files[f].bytes for f in graph_files(self.graph(name).file) if f in self.files)
+
+    def summary(self) -> str:
+        """A few human-readable lines (what `paligemma-edge info` prints)."""
+        lm = self.language_model
+        lines = [
+            f"{self.model_type} {self.image_size}px, {self.num_image_tokens} image tokens, from {self.source}",
+            f"decoder ({self.decoder_backend}): {lm.architecture} {lm.num_layers} layers, hidden {lm.hidden_size}, "
+            f"{lm.num_heads} heads / {lm.num_kv_heads} kv, head_dim {lm.head_dim}, vocab {lm.vocab_size}",
+            "graphs: " + ", ".join(f"{name} {g.file} ({g.dtype})" for name, g in self.graphs.items()),
+            "files: " + ", ".join(f"{k} {v.bytes / 1e6:.1f} MB" for k, v in self.files.items()),
+        ]
+        if self.quantization:
+            recipe = self.quantization["recipe"]
+            lines.append(
+                f"quantization: {recipe['name']} (vision {recipe['vision']}, decoder {recipe['decoder']}, "
+                f"LM head {recipe['lm_head']}, embeddings {recipe['embeddings']}, block {recipe['block_size']}, "
+                f"{'symmetric' if recipe['symmetric'] else 'asymmetric'})"
+            )
+        for reference, quality in self.quality.items():
+            lines.append(
+                f"quality vs {reference}: top-1 {quality['top1_agreement']:.4f}, KL {quality['mean_kl']:.2e}, "
+                f"greedy exact {quality['greedy_exact_match']:.2f}"
+                + (" (random weights)" if quality["random_weights"] else "")
+            )
+        if self.verification:
+            v = self.verification
+            lines.append(
+                f"verification: {'passed' if v['passed'] else 'FAILED'}: greedy tokens agree={v['tokens_agree']} "
+                f"over {len(v['hf_tokens'])} tokens, max |Δlogit| {v['max_abs_logit_diff']:.2e} "
+                f"(tolerance {v['tolerance']:.2e})"
+            )
+        return "\n".join(lines)
+
+    def verify_files(self, checksums: bool = True) -> None:
+        """Raise if a listed file is missing, has the wrong size or (checksums=True) wrong sha256."""
+        for name, entry in self.files.items():
+            path = self.path(name)
+            if not path.is_file():
+                raise ExportNotFoundError(f"{path} is listed in the manifest but missing; re-run the export.")
+            if path.stat().st_size != entry.bytes:
+                raise ChecksumMismatchError(
+                    f"{path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}: the file is "
+                    "truncated or was replaced; re-run the export (or copy the directory again)."
+                )
+        if not checksums:
+            return
+        actual = checksum_files(self.directory, list(self.files), desc="verifying export")
+        for name, entry in self.files.items():
+            if actual[name].sha256 != entry.sha256:
+                raise ChecksumMismatchError(
+                    f"{self.path(name)} does not match the sha256 in {MANIFEST_FILE}: the file is corrupt or "
+                    "was modified; re-run the export, or load with verify_checksums=False if you changed it on "
+                    "purpose."
+                )
+
+
+def _require(data: dict, key: str, kind: type, where: str) -> Any:
+    if key not in data:
+        raise CorruptExportError(f"{where} lacks the required key {key!r}; re-run the export.")
+    if not isinstance(data[key], kind):
+        raise CorruptExportError(f"{where}: {key!r} must be a {kind.__name__}; re-run the export.")
+    return data[key]
+
+
+def _build(cls: type, values: Any) -> Any:
+    """A schema dataclass from a JSON object: unknown keys ignored, missing or mistyped ones rejected."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{cls.__name__} must be a JSON object, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {k: v for k, v in values.items() if k in known}
+    instance = cls(**kwargs)  # TypeError names a missing field
+    for name, f in known.items():
+        value = getattr(instance, name)
+        if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"{cls.__name__}.{name} must be an integer, got {value!r}")
+        if f.type in ("str", str) and not isinstance(value, str):
+            raise TypeError(f"{cls.__name__}.{name} must be a string, got {value!r}")
+    return instance
+
+
+_NESTED = {"language_model", "vision", "tokens", "graphs", "files", "format_version", "directory"}
+
+
+def _plain(data: dict, cls: type, where: str) -> dict:
+    """The scalar top-level fields, required ones checked."""
+    out = {}
+    for f in fields(cls):
+        if f.name in _NESTED:
+            continue
+        if f.name in data:
+            out[f.name] = data[f.name]
+    for required in ("model_type", "source", "image_size", "num_image_tokens"):
+        if required not in out:
+            raise CorruptExportError(f"{where} lacks the required key {required!r}; re-run the export.")
+    for name in ("image_size", "num_image_tokens"):
+        if not isinstance(out[name], int) or isinstance(out[name], bool) or out[name] < 1:
+            raise CorruptExportError(f"{where}: {name!r} must be a positive integer; re-run the export.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def sha256_file(path: Path, progress: tqdm | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def checksum_files(directory: Path, names: list[str], desc: str = "sha256") -> dict[str, FileEntry]:
+    """{name: FileEntry} for files in ``directory``, with one progress bar over all bytes."""
+    paths = [Path(directory) / name for name in names]
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=total < 256 << 20) as bar:
+        return {p.name: FileEntry(sha256_file(p, bar), p.stat().st_size) for p in paths}
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    directory = Path(directory)
+    if not directory.exists():
+        raise ExportNotFoundError(
+            f"Export directory {directory} does not exist; create one with `paligemma-edge export MODEL {directory}`."
+        )
+    if not directory.is_dir():
+        raise ExportNotFoundError(f"{directory} is a file, not an export directory.")
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise CorruptExportError(
+            f"{directory} has no {MANIFEST_FILE}; it is not a paligemma-edge export "
+            f"(create one with `paligemma-edge export MODEL {directory}`)."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorruptExportError(f"{path} is not valid JSON ({error}); re-run the export.") from error
+    manifest = Manifest.from_dict(data, str(path))
+    manifest.directory = directory
+    return manifest

@@ -1,0 +1,56 @@
+"""Choosing the next token from a row of logits: greedy, or sampled with transformers' processors.
+
+Order as in transformers' `generate`: repetition penalty, then temperature, top-k, top-p; greedy when
+the temperature is 0. Pure functions over one [vocab] row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def log_prob(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token], computed without materialising the whole distribution twice."""
+    top = float(logits.max())
+    return float(logits[token]) - (top + float(np.log(np.exp(logits - top).sum())))
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: Iterable[int], penalty: float) -> np.ndarray:
+    """CTRL's penalty as transformers applies it: seen tokens' logits divided by ``penalty`` when
+    positive, multiplied when negative."""
+    ids = np.fromiter(set(seen), dtype=np.int64)
+    ids = ids[(ids >= 0) & (ids < logits.shape[-1])]
+    out = logits.copy()
+    chosen = out[ids]
+    out[ids] = np.where(chosen < 0, chosen * penalty, chosen / penalty)
+    return out
+
+
+def filter_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest logits (ties at the k-th value kept, as transformers does); the rest −inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability reaches ``p`` (at least one)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(logits)[::-1]
+    probs = np.exp(logits[order] - logits[order[0]])
+    probs /= probs.sum()
+    cumulative = np.cumsum(probs)
+    keep = int(np.searchsorted(cumulative, p)) + 1  # first index whose cumulative mass reaches p, inclusive
+    out = np.full_like(logits, -np.inf)
+    out[order[:keep]] = logits[order[:keep]]
+    return out
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw a token from softmax(logits); −inf entries are never drawn."""
+    shifted = np.exp(logits.astype(np.float64) - logits.max())
+    return int(rng.choice(len(shifted), p=shifted / shifted.sum()))

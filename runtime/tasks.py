@@ -1,0 +1,110 @@
+"""PaliGemma's task prefixes, each defined once: how its prompt is built, how many tokens it needs by
+default, and whether its output is parsed into objects (docs/io-contract.md §9).
+
+To add a prefix, add a `Task` to `TASKS`; the runtime, the CLI and the reports pick it up from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from . import spec
+from .errors import PromptError
+
+
+def clean_prompt(prompt: str) -> str:
+    """Strip the user prompt (trailing whitespace changes tokenization) and reject empty ones."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"A prompt must be a string, got {type(prompt).__name__}.")
+    stripped = prompt.strip()
+    if not stripped:
+        raise PromptError('The prompt is empty; give a task such as "caption en" or "detect cat".')
+    return stripped
+
+
+def prefix_text(prompt: str, num_image_tokens: int) -> str:
+    """``<image>×N + <bos> + prompt + "\\n"``, tokenized in one piece without added specials."""
+    return spec.IMAGE_TOKEN * num_image_tokens + spec.BOS_TOKEN + clean_prompt(prompt) + spec.PROMPT_END
+
+
+def join_labels(labels: str | Sequence[str]) -> str:
+    """One label or a list of them → ``"cat ; dog"``."""
+    if isinstance(labels, str):
+        items = [labels]
+    elif isinstance(labels, (list, tuple)) and all(isinstance(label, str) for label in labels):
+        items = list(labels)
+    else:
+        raise PromptError(f"labels must be a string or a list of strings, got {labels!r}.")
+    items = [label.strip() for label in items if label.strip()]
+    if not items:
+        raise PromptError("Give at least one non-empty label, e.g. detect(image, ['cat', 'dog']).")
+    return spec.OBJECT_SEPARATOR.join(items)
+
+
+def _with_language(prefix: str) -> Callable[..., str]:
+    def build(lang: str = "en", text: str | None = None) -> str:
+        return f"{prefix} {clean_prompt(lang)}" + ("" if text is None else f" {clean_prompt(text)}")
+
+    return build
+
+
+def _with_labels(prefix: str) -> Callable[..., str]:
+    def build(labels: str | Sequence[str]) -> str:
+        return f"{prefix} {join_labels(labels)}"
+
+    return build
+
+
+@dataclass(frozen=True)
+class Task:
+    prefix: str
+    description: str
+    build: Callable[..., str]  # arguments → the prompt
+    max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS
+    localizes: bool = False  # output is <loc> boxes (and <seg> codes), parsed into objects
+
+
+TASKS: dict[str, Task] = {
+    task.prefix: task
+    for task in (
+        Task("cap", "short raw caption: cap {lang}", _with_language("cap")),
+        Task("caption", "COCO-like caption: caption {lang}", _with_language("caption")),
+        Task("describe", "long description: describe {lang}", _with_language("describe")),
+        Task("ocr", "read the text in the image", lambda: "ocr"),
+        Task("answer", "answer a question: answer {lang} {question}", _with_language("answer")),
+        Task("question", "ask a question about an answer: question {lang} {answer}", _with_language("question")),
+        Task(
+            "detect",
+            "boxes: detect {label} ; {label}",
+            _with_labels("detect"),
+            spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
+            localizes=True,
+        ),
+        Task(
+            "segment",
+            "boxes and masks: segment {label} ; {label}",
+            _with_labels("segment"),
+            spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
+            localizes=True,
+        ),
+    )
+}
+CAPTION_STYLES = ("cap", "caption", "describe")
+
+
+def task_of(prompt: str) -> Task | None:
+    """The task a prompt starts with, or None for free text (mix and fine-tuned checkpoints accept it)."""
+    head = clean_prompt(prompt).split(maxsplit=1)[0]
+    return TASKS.get(head)
+
+
+def default_max_new_tokens(prompt: str) -> int:
+    task = task_of(prompt)
+    return task.max_new_tokens if task else spec.DEFAULT_MAX_NEW_TOKENS
+
+
+def caption_prompt(lang: str = "en", style: str = "caption") -> str:
+    if style not in CAPTION_STYLES:
+        raise PromptError(f"Unknown caption style {style!r}; choose one of {', '.join(CAPTION_STYLES)}.")
+    return TASKS[style].build(lang)
