@@ -16,6 +16,13 @@ from pathlib import Path
 from .runtime import spec
 from .runtime.errors import PaliGemmaEdgeError
 
+# optional modules → the extra that installs them
+_EXTRA_OF = {
+    **dict.fromkeys(["torch", "transformers", "onnxscript", "safetensors", "huggingface_hub"], "export"),
+    **dict.fromkeys(["onnx", "onnx_ir"], "quant"),
+    **dict.fromkeys(["psutil", "matplotlib"], "bench"),
+}
+
 
 def _recipe(args: argparse.Namespace):
     from .quant.recipes import get_recipe
@@ -365,6 +372,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PaliGemmaEdgeError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        extra = _EXTRA_OF.get((error.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"error: `paligemma-edge {args.command}` needs {error.name}: pip install 'paligemma-edge[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

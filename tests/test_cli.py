@@ -58,3 +58,25 @@ def test_info(exports):
 def test_errors_exit_2_with_message(tmp_path):
     out = run_cli("run", str(tmp_path / "missing"), "--image", "x.png", "--prompt", "caption en")
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_user_errors_are_one_line_and_exit_2(exports, images, tmp_path):
+    """Every command answers a user error with exit code 2 and one line, never a traceback."""
+    pg1, pg2 = exports["pg1"].export_dir, exports["pg2"].export_dir
+    image = tmp_path / "i.png"
+    images[0].save(image)
+    run_cli("quantize", pg1, tmp_path / "int8", "--recipe", "int8")
+    cases = [
+        (("quantize", pg1, tmp_path / "a", "--recipe", "int4", "--decoder", "fp16"), "fp16 applies to the whole"),
+        (("quantize", tmp_path / "int8", tmp_path / "b", "--recipe", "int4"), "already quantized"),
+        (("compare", pg1, pg2), "different models"),
+        (("compare", pg1, pg1, "--images", tmp_path / "nowhere"), "not a directory"),
+        (("compare", pg1, pg1, "--prompts", tmp_path / "nowhere.txt"), "Cannot read prompts"),
+        (("run", pg1, "--image", image, "--prompt", "ocr", "--temperature", "-1"), "temperature"),
+        (("run", pg1, "--image", image, "--prompt", "ocr", "--top-p", "2"), "top_p"),
+        (("info", tmp_path / "missing"), "does not exist"),
+    ]
+    for args, message in cases:
+        out = run_cli(*args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (args, out.stderr)

@@ -156,3 +156,64 @@ def test_export_of_hub_id_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     with pytest.raises(CheckpointError, match="Could not download google/paligemma-3b-mix-224"):
         export_model("google/paligemma-3b-mix-224", tmp_path / "out")
+
+
+def _rewrite_manifest(export_dir, change) -> None:
+    data = json.loads((export_dir / "manifest.json").read_text())
+    change(data)
+    (export_dir / "manifest.json").write_text(json.dumps(data))
+
+
+def test_format_v2_manifest_still_loads(export_copy, exports, images):
+    """Exports made before the typed format (v2: "text", no decoder_backend) keep loading unchanged."""
+
+    def to_v2(data):
+        data["format_version"] = 2
+        data["text"] = data.pop("language_model")
+        del data["decoder_backend"]
+
+    _rewrite_manifest(export_copy, to_v2)
+    old = PaliGemma.load(export_copy)
+    assert old.manifest.language_model.num_layers == exports["pg1"].manifest["language_model"]["num_layers"]
+    expected = PaliGemma.load(exports["pg1"].export_dir).generate(images[0], "caption en", 8).token_ids
+    assert old.generate(images[0], "caption en", 8).token_ids == expected
+
+
+def test_manifest_round_trips(exports):
+    from paligemma_edge.runtime.export_format import Manifest, load_manifest
+
+    manifest = load_manifest(exports["pg2"].export_dir)
+    again = Manifest.from_dict(json.loads(json.dumps(manifest.to_dict())))
+    assert again == manifest and again.to_dict() == exports["pg2"].manifest
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(format_version="3"), "integer format_version"),
+        (lambda d: d["language_model"].pop("num_layers"), "num_layers"),
+        (lambda d: d["language_model"].update(num_heads="8"), "num_heads must be an integer"),
+        (lambda d: d.update(image_size=-224), "image_size"),
+        (lambda d: d.update(tokens=[1, 2]), "'tokens' must be a dict"),
+        (lambda d: d["graphs"]["decoder"].pop("file"), "file"),
+        (lambda d: d.update(decoder_backend="tensorrt"), "tensorrt"),
+    ],
+)
+def test_malformed_manifest_fields_are_typed_errors(export_copy, change, message):
+    _rewrite_manifest(export_copy, change)
+    with pytest.raises(CorruptExportError, match=message):
+        PaliGemma.load(export_copy, verify_checksums=False)
+
+
+def test_swapped_graph_files_are_caught(export_copy):
+    (export_copy / "decoder.onnx").rename(export_copy / "tmp.onnx")
+    (export_copy / "vision.onnx").rename(export_copy / "decoder.onnx")
+    (export_copy / "tmp.onnx").rename(export_copy / "vision.onnx")
+
+    def swap_entries(data):
+        files = data["files"]
+        files["vision.onnx"], files["decoder.onnx"] = files["decoder.onnx"], files["vision.onnx"]
+
+    _rewrite_manifest(export_copy, swap_entries)  # sizes agree: only the graphs' interfaces can tell
+    with pytest.raises(CorruptExportError, match="mixes files"):
+        PaliGemma.load(export_copy, verify_checksums=False)
