@@ -24,10 +24,11 @@ from ..runtime.export_format import (
     load_manifest,
     sha256_file,
 )
+from ..runtime.output_dirs import atomic_output_dir
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .graphs import export_decoder, export_vision, opset_for
 from .random_checkpoint import RANDOM_MARKER
-from .seg_decoder import write_mask_decoder
+from .seg_decoder import load_vae_npz, write_mask_decoder
 from .verify import Reference, raise_if_failed, transformers_reference, verify_export
 
 REFERENCE_FILE = ".transformers_reference.npz"
@@ -223,17 +224,32 @@ def _checkpoint_bytes(model: str | Path) -> int:
     return sum(p.stat().st_size for p in resolve_checkpoint(model).glob("*.safetensors"))
 
 
-def export_model(model: str | Path, out_dir: str | Path, settings: ExportSettings | None = None) -> Manifest:
-    """Export, write the manifest, verify against transformers; returns the manifest."""
+def export_model(
+    model: str | Path, out_dir: str | Path, settings: ExportSettings | None = None, overwrite: bool = False
+) -> Manifest:
+    """Export, write the manifest, verify against transformers; returns the manifest.
+
+    The export is built in a temporary directory beside ``out_dir`` and appears there only once verified;
+    a non-empty ``out_dir`` is refused unless ``overwrite``.
+    """
     settings = settings or ExportSettings()
-    out = Path(out_dir)
+    if settings.seg_decoder is not None:
+        load_vae_npz(settings.seg_decoder)  # a bad npz fails now, not after the export
+    checkpoint = resolve_checkpoint(model)
+    with atomic_output_dir(out_dir, overwrite, sources=[checkpoint]) as work:
+        manifest = _export_into(model, work, settings)
+    manifest.directory = Path(out_dir)
+    return manifest
+
+
+def _export_into(model: str | Path, out: Path, settings: ExportSettings) -> Manifest:
     isolate = settings.isolate if settings.isolate is not None else _checkpoint_bytes(model) > ISOLATE_BYTES
     manifest, reference = _run_isolated(model, out, settings) if isolate else _torch_stage(model, out, settings)
     if reference is not None:
         with tqdm(total=1, desc="verify against transformers", unit="step") as bar:
             report = verify_export(reference, out, settings.dtype)
             manifest.verification = report.to_dict()
-            manifest.write(out)  # the record stays even when verification fails
+            manifest.write(out)
             raise_if_failed(report)
             bar.update()
     return manifest
@@ -243,7 +259,9 @@ def attach_mask_decoder(export_dir: str | Path, npz_path: str | Path) -> Manifes
     """Add big_vision's VQ-VAE mask decoder (vae-oid.npz) to an export as mask_decoder.onnx."""
     export_dir, npz_path = Path(export_dir), Path(npz_path)
     manifest = load_manifest(export_dir)
-    write_mask_decoder(npz_path, export_dir / fmt.MASK_DECODER_FILE)
+    partial = export_dir / f".{fmt.MASK_DECODER_FILE}.partial"
+    write_mask_decoder(npz_path, partial)
+    partial.replace(export_dir / fmt.MASK_DECODER_FILE)  # the graph, then the manifest: each replaced whole
     manifest.graphs["mask_decoder"] = GraphEntry(
         fmt.MASK_DECODER_FILE,
         "fp32",

@@ -16,6 +16,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..runtime import spec
+from ..runtime.errors import CheckpointError
+from ..runtime.output_dirs import atomic_output_dir
 from .random_checkpoint import RANDOM_MARKER, CheckpointShape, build_tokenizer, paligemma_config
 
 BASE_VOCAB = 256000
@@ -52,21 +54,30 @@ def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
 
 
 def make_full_size_checkpoint(
-    preset_name: str | CheckpointShape, out_dir: str | Path, seed: int = 0, shard_bytes: int = SHARD_BYTES
+    preset_name: str | CheckpointShape,
+    out_dir: str | Path,
+    seed: int = 0,
+    shard_bytes: int = SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
-    """Write config, processor, tokenizer and sharded safetensors for a preset (a name or a CheckpointShape)."""
-    import torch
-    from safetensors.numpy import save_file
-    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
-
+    """Write config, processor, tokenizer and sharded safetensors for a preset (a name or a CheckpointShape);
+    the directory appears once complete."""
     if isinstance(preset_name, CheckpointShape):
         preset, preset_name = preset_name, "custom"
     elif preset_name in PRESETS:
         preset = PRESETS[preset_name]
     else:
-        raise ValueError(f"Unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        raise CheckpointError(f"Unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}.")
+    with atomic_output_dir(out_dir, overwrite) as out:
+        _write_checkpoint(preset, preset_name, out, seed, shard_bytes)
+    return Path(out_dir)
+
+
+def _write_checkpoint(preset: CheckpointShape, preset_name: str, out: Path, seed: int, shard_bytes: int) -> None:
+    import torch
+    from safetensors.numpy import save_file
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
+
     tokenizer = build_tokenizer(BASE_VOCAB)
     config = paligemma_config(preset, tokenizer)
     with torch.device("meta"):
@@ -112,4 +123,3 @@ def make_full_size_checkpoint(
     (out / RANDOM_MARKER).write_text(
         json.dumps({"random_weights": True, "preset": preset_name, "spec": asdict(preset), "seed": seed}, indent=2)
     )
-    return out

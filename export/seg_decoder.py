@@ -6,6 +6,7 @@ codes [B, 16] int64 → codebook rows → [B, D, 4, 4] → conv 1×1 → 2 resid
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ def load_vae_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise MaskDecoderError(f"Mask decoder file {path} does not exist (big_vision's vae-oid.npz is expected).")
+    if not zipfile.is_zipfile(path):
+        raise MaskDecoderError(f"{path} is not an .npz archive (big_vision's vae-oid.npz is expected).")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files if key == CODEBOOK or key.startswith("decoder.")}

@@ -48,9 +48,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.recipe:
         from .quant.pipeline import export_quantized
 
-        manifest = export_quantized(args.model, args.out_dir, settings, _recipe(args))
+        manifest = export_quantized(args.model, args.out_dir, settings, _recipe(args), args.overwrite)
     else:
-        manifest = export_model(args.model, args.out_dir, settings)
+        manifest = export_model(args.model, args.out_dir, settings, args.overwrite)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     else:
@@ -74,7 +74,10 @@ def _generation_options(args: argparse.Namespace) -> dict:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime.draw import draw_objects
     from .runtime.model import PaliGemma
+    from .runtime.output_dirs import check_output_file
 
+    if args.draw:
+        check_output_file(args.draw)  # before the model runs, not after
     start = time.perf_counter()
     model = PaliGemma.load(args.export_dir, threads=args.threads, verify_checksums=not args.no_verify_checksums)
     load_s = time.perf_counter() - start
@@ -125,7 +128,7 @@ def _cmd_attach_seg_decoder(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .quant.quantize import quantize_export
 
-    manifest = quantize_export(args.in_dir, args.out_dir, _recipe(args))
+    manifest = quantize_export(args.in_dir, args.out_dir, _recipe(args), args.overwrite)
     print(json.dumps(manifest.to_dict(), indent=2) if args.json else manifest.summary())
     return 0
 
@@ -193,14 +196,23 @@ def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None
 def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from .export.full_size import make_full_size_checkpoint
 
-    print(make_full_size_checkpoint(args.preset, args.out_dir, args.seed))
+    print(make_full_size_checkpoint(args.preset, args.out_dir, args.seed, overwrite=args.overwrite))
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmarks.bench import plot, run_bench, table
-    from .runtime.images import demo_image_path
+    from .runtime.export_format import load_manifest
+    from .runtime.images import demo_image_path, load_image
+    from .runtime.output_dirs import check_output_file
 
+    # everything a user can get wrong fails now, not after minutes of measuring
+    for export_dir in args.export_dirs:
+        load_manifest(export_dir).verify_files(checksums=False)
+    load_image(args.image or demo_image_path())
+    for output in (args.json, args.plot):
+        if output:
+            check_output_file(output)
     report = run_bench(
         args.export_dirs,
         args.image or demo_image_path(),
@@ -267,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     json_help = "print machine-readable JSON instead of text"
     threads_help = "onnxruntime threads (default: all cores)"
+    overwrite_help = "replace OUT_DIR if it exists and is not empty (the new one is complete before the old goes)"
 
     export = sub.add_parser("export", help="export a Hugging Face PaliGemma checkpoint to ONNX")
     export.add_argument("model", help="local checkpoint directory or hub id (e.g. google/paligemma-3b-mix-224)")
@@ -275,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-verify", action="store_true", help="skip the check against transformers")
     export.add_argument("--seg-decoder", type=Path, default=None, help="big_vision vae-oid.npz → mask_decoder.onnx")
     export.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    export.add_argument("--overwrite", action="store_true", help=overwrite_help)
     _add_recipe_options(export, required=False)
     export.set_defaults(func=_cmd_export)
 
@@ -283,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("out_dir", type=Path, help="the quantized export directory to write")
     _add_recipe_options(quantize, required=True)
     quantize.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    quantize.add_argument("--overwrite", action="store_true", help=overwrite_help)
     quantize.set_defaults(func=_cmd_quantize)
 
     compare = sub.add_parser("compare", help="what a quantized export costs against its reference")
@@ -331,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     random_ckpt.add_argument("--preset", choices=list(PRESETS), required=True, help="model family, size, resolution")
     random_ckpt.add_argument("out_dir", type=Path, help="the checkpoint directory to write")
     random_ckpt.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    random_ckpt.add_argument("--overwrite", action="store_true", help=overwrite_help)
     random_ckpt.set_defaults(func=_cmd_random_checkpoint)
 
     bench = sub.add_parser("bench", help="latency, memory and roofline per export, against transformers")

@@ -16,6 +16,7 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
     from .export.random_checkpoint import CheckpointShape, make_tiny_checkpoint
     from .runtime.images import demo_image_path
     from .runtime.model import PaliGemma
+    from .runtime.output_dirs import check_output_dir
 
     image = demo_image_path()
     timings: dict[str, float] = {}
@@ -26,8 +27,9 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
         timings[name] = round(time.perf_counter() - start, 4)
         return value
 
+    check_output_dir(work_dir, overwrite=True)  # the demo's own scratch space: re-running replaces its outputs
     checkpoint = timed("make_random_checkpoint_s", make_tiny_checkpoint, work_dir / "checkpoint", CheckpointShape())
-    manifest = timed("export_and_verify_s", export_model, checkpoint, work_dir / "export")
+    manifest = timed("export_and_verify_s", export_model, checkpoint, work_dir / "export", overwrite=True)
     model = timed("load_s", PaliGemma.load, work_dir / "export")
     features = timed("vision_encode_s", model.encode_image, image)
     caption = timed("caption_s", model.generate, features, "caption en", max_new_tokens=20)

@@ -6,30 +6,34 @@ import tempfile
 from pathlib import Path
 
 from ..export.exporter import ExportSettings, export_model
-from ..runtime.export_format import Manifest, load_manifest
+from ..runtime.export_format import Manifest
 from ..runtime.model import PaliGemma
+from ..runtime.output_dirs import check_output_dir, publish_dir
 from .compare import DEFAULT_PROMPTS, compare_exports, default_images
 from .quantize import quantize_export
 from .recipes import Recipe
 
 
-def export_quantized(model: str | Path, out_dir: str | Path, settings: ExportSettings, recipe: Recipe) -> Manifest:
+def export_quantized(
+    model: str | Path, out_dir: str | Path, settings: ExportSettings, recipe: Recipe, overwrite: bool = False
+) -> Manifest:
     """The fp32 export (verified against transformers) lives in a scratch directory beside OUT and is
-    deleted afterwards; OUT gets the quantized export with its quality summary in the manifest."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-fp32-") as scratch:
-        reference = export_model(model, scratch, settings)
-        quantize_export(scratch, out, recipe)
+    deleted afterwards; OUT appears, whole, with the quantized export and its quality summary."""
+    out = check_output_dir(out_dir, overwrite)
+    with tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=f".{out.name}.partial-") as scratch:
+        fp32, quantized = Path(scratch) / "fp32", Path(scratch) / "quantized"
+        reference = export_model(model, fp32, settings)
+        manifest = quantize_export(fp32, quantized, recipe)
         report = compare_exports(
-            PaliGemma.load(scratch, verify_checksums=False),
-            PaliGemma.load(out, verify_checksums=False),
+            PaliGemma.load(fp32, verify_checksums=False),
+            PaliGemma.load(quantized, verify_checksums=False),
             default_images(),
             list(DEFAULT_PROMPTS),
         )
-    manifest = load_manifest(out)
-    manifest.quantization["source_export"] = f"fp32 export of {model} (not kept)"
-    manifest.source_verification = reference.verification
-    manifest.quality = {"fp32": report.summary()}
-    manifest.write()
+        manifest.quantization["source_export"] = f"fp32 export of {model} (not kept)"
+        manifest.source_verification = reference.verification
+        manifest.quality = {"fp32": report.summary()}
+        manifest.write(quantized)
+        publish_dir(quantized, out, overwrite)
+    manifest.directory = out
     return manifest

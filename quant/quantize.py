@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..runtime import export_format as fmt
 from ..runtime.errors import QuantizationError
 from ..runtime.export_format import checksum_files, load_manifest
+from ..runtime.output_dirs import atomic_output_dir
 from .recipes import Recipe
 
 ROWS_INT8, ROWS_SCALE = f"{fmt.EMBED_ROWS_PREFIX}int8", f"{fmt.EMBED_ROWS_PREFIX}scale"
@@ -264,14 +265,24 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe) -> fmt.Manifest:
-    """Write a quantized copy of an fp32 export directory; returns its manifest."""
+def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe, overwrite: bool = False) -> fmt.Manifest:
+    """Write a quantized copy of an fp32 export directory; returns its manifest.
+
+    The source is verified (sizes and sha256) first and never written to; the output appears whole or not
+    at all, and a non-empty ``out_dir`` is refused unless ``overwrite``.
+    """
     manifest = load_manifest(in_dir)
     if manifest.is_quantized or any(graph.dtype != "fp32" for graph in manifest.graphs.values()):
         raise QuantizationError(f"{in_dir} is already quantized or not fp32; quantize the fp32 export instead.")
+    manifest.verify_files(checksums=True)  # a corrupt source must not get fresh checksums
+    with atomic_output_dir(out_dir, overwrite, sources=[in_dir]) as out:
+        _quantize_into(manifest, out, recipe)
+    manifest.directory = Path(out_dir)
+    return manifest
+
+
+def _quantize_into(manifest: fmt.Manifest, out: Path, recipe: Recipe) -> None:
     source_dir = manifest.directory
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     graphs = manifest.graphs
     # the decoder (the big one) first, while the process is fresh
     steps = [("decoder", quantize_decoder, recipe.decoder), ("vision", quantize_vision, recipe.vision)]
@@ -290,9 +301,8 @@ def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe) -> 
     copied = [name for name in manifest.files if name not in quantized_files]
     for name in copied:
         shutil.copyfile(source_dir / name, out / name)
-    manifest.quantization = {"recipe": recipe.to_dict(), "source_export": str(in_dir)}
+    manifest.quantization = {"recipe": recipe.to_dict(), "source_export": str(source_dir)}
     manifest.verification = None
     manifest.files = checksum_files(out, [*quantized_files, *copied])
     manifest.quantization["bytes"] = {name: manifest.graph_bytes(name) for name in ("vision", "decoder")}
     manifest.write(out)
-    return manifest

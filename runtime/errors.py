@@ -28,7 +28,7 @@ class PromptError(PaliGemmaEdgeError, ValueError):
 
 
 class GenerationError(PaliGemmaEdgeError, ValueError):
-    """Generation arguments are out of range (e.g. max_new_tokens < 1)."""
+    """Arguments of generation or output decoding are out of range (max_new_tokens < 1, a divisor of 0, …)."""
 
 
 class CheckpointError(PaliGemmaEdgeError, ValueError):
@@ -45,3 +45,7 @@ class MaskDecoderError(PaliGemmaEdgeError, ValueError):
 
 class QuantizationError(PaliGemmaEdgeError, ValueError):
     """A recipe is invalid, or an export cannot be quantized (already quantized, not fp32)."""
+
+
+class OutputPathError(PaliGemmaEdgeError, ValueError):
+    """An output path cannot be used: a file, a source, non-empty without --overwrite, or not writable."""

@@ -196,7 +196,7 @@ class Manifest:
         try:
             tokens = dict(_require(data, "tokens", dict, where))
             tokens["eos"] = tuple(tokens.get("eos", ()))
-            return cls(
+            manifest = cls(
                 **{
                     **_plain(data, cls, where),
                     "language_model": _build(LanguageModelConfig, _require(data, "language_model", dict, where)),
@@ -207,6 +207,11 @@ class Manifest:
                     "format_version": FORMAT_VERSION,
                 }
             )
+            _check_types(manifest, skip=("directory",))
+            lm = manifest.language_model
+            if min(lm.num_layers, lm.num_heads, lm.num_kv_heads, lm.head_dim, lm.hidden_size, lm.vocab_size) < 1:
+                raise ValueError("language_model sizes must be positive")
+            return manifest
         except (TypeError, ValueError, AttributeError) as error:
             raise CorruptExportError(f"{where} is malformed ({error}); re-run the export.") from error
 
@@ -286,8 +291,13 @@ class Manifest:
             )
         return "\n".join(lines)
 
-    def verify_files(self, checksums: bool = True) -> None:
-        """Raise if a listed file is missing, has the wrong size or (checksums=True) wrong sha256."""
+    def verify_files(self, checksums: bool | str = True) -> None:
+        """Raise if a listed file is missing, has the wrong size or (``checksums``) the wrong sha256.
+
+        ``checksums=True`` hashes each file once per version: a file whose path, size, mtime and inode match a
+        record of an earlier successful check (in the user's cache, see `verified_cache_path`) is not hashed
+        again. ``checksums="full"`` always hashes; ``False`` checks only presence and sizes.
+        """
         for name, entry in self.files.items():
             path = self.path(name)
             if not path.is_file():
@@ -299,14 +309,18 @@ class Manifest:
                 )
         if not checksums:
             return
-        actual = checksum_files(self.directory, list(self.files), desc="verifying export")
-        for name, entry in self.files.items():
-            if actual[name].sha256 != entry.sha256:
+        verified = {} if checksums == "full" else _read_verified()
+        todo = [name for name, entry in self.files.items() if verified.get(_file_key(self.path(name))) != entry.sha256]
+        actual = checksum_files(self.directory, todo, desc="verifying export")
+        for name in todo:
+            if actual[name].sha256 != self.files[name].sha256:
                 raise ChecksumMismatchError(
                     f"{self.path(name)} does not match the sha256 in {MANIFEST_FILE}: the file is corrupt or "
                     "was modified; re-run the export, or load with verify_checksums=False if you changed it on "
                     "purpose."
                 )
+        if todo:
+            _record_verified({_file_key(self.path(name)): actual[name].sha256 for name in todo})
 
 
 def _require(data: dict, key: str, kind: type, where: str) -> Any:
@@ -321,16 +335,39 @@ def _build(cls: type, values: Any) -> Any:
     """A schema dataclass from a JSON object: unknown keys ignored, missing or mistyped ones rejected."""
     if not isinstance(values, dict):
         raise TypeError(f"{cls.__name__} must be a JSON object, got {type(values).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {k: v for k, v in values.items() if k in known}
-    instance = cls(**kwargs)  # TypeError names a missing field
-    for name, f in known.items():
-        value = getattr(instance, name)
-        if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool)):
-            raise TypeError(f"{cls.__name__}.{name} must be an integer, got {value!r}")
-        if f.type in ("str", str) and not isinstance(value, str):
-            raise TypeError(f"{cls.__name__}.{name} must be a string, got {value!r}")
+    known = {f.name for f in fields(cls)}
+    instance = cls(**{k: v for k, v in values.items() if k in known})  # TypeError names a missing field
+    _check_types(instance)
     return instance
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_TYPE_CHECKS = {
+    "int": _is_int,
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(_is_int(x) for x in v),
+    "dict[str, Any]": lambda v: isinstance(v, dict),
+}
+
+
+def _check_types(instance: Any, skip: tuple[str, ...] = ()) -> None:
+    """Check each field against its annotation (the JSON-level types the schema uses)."""
+    for f in fields(instance):
+        if f.name in skip or not isinstance(f.type, str):
+            continue
+        annotation = f.type.removesuffix(" | None")
+        value = getattr(instance, f.name)
+        check = _TYPE_CHECKS.get(annotation)
+        if check is None or (value is None and f.type.endswith("| None")):
+            continue
+        if not check(value):
+            raise TypeError(f"{type(instance).__name__}.{f.name} must be {annotation}, got {value!r}")
 
 
 _NESTED = {"language_model", "vision", "tokens", "graphs", "files", "format_version", "directory"}
@@ -348,7 +385,7 @@ def _plain(data: dict, cls: type, where: str) -> dict:
         if required not in out:
             raise CorruptExportError(f"{where} lacks the required key {required!r}; re-run the export.")
     for name in ("image_size", "num_image_tokens"):
-        if not isinstance(out[name], int) or isinstance(out[name], bool) or out[name] < 1:
+        if not _is_int(out[name]) or out[name] < 1:
             raise CorruptExportError(f"{where}: {name!r} must be a positive integer; re-run the export.")
     return out
 
@@ -372,6 +409,44 @@ def checksum_files(directory: Path, names: list[str], desc: str = "sha256") -> d
     total = sum(p.stat().st_size for p in paths)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=total < 256 << 20) as bar:
         return {p.name: FileEntry(sha256_file(p, bar), p.stat().st_size) for p in paths}
+
+
+def verified_cache_path() -> Path:
+    """Where checksums already verified are remembered: $PALIGEMMA_EDGE_CACHE, else the user's cache dir."""
+    root = os.environ.get("PALIGEMMA_EDGE_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "paligemma-edge"
+    )
+    return Path(root) / "verified-files.json"
+
+
+def _file_key(path: Path) -> str:
+    """A file version: its absolute path, size, mtime and inode (any rewrite changes one of them)."""
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_dev}:{stat.st_ino}"
+
+
+def _read_verified() -> dict[str, str]:
+    try:
+        data = json.loads(verified_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record_verified(entries: dict[str, str]) -> None:
+    """Best effort: an unwritable cache only means hashing again next time."""
+    path = verified_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        records = {**_read_verified(), **entries}
+        if len(records) > 10_000:  # keep the newest
+            records = dict(list(records.items())[-10_000:])
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".verified-")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(records, handle)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def load_manifest(directory: str | Path) -> Manifest:

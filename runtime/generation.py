@@ -198,8 +198,10 @@ class RunningSequence:
     def choose(self, logits: np.ndarray) -> TokenEvent:
         """Pick the next token from this sequence's logits row and decide whether it is the last."""
         config = self.config
+        top = None
         if config.greedy:
             token = int(logits.argmax())
+            top = float(logits[token])
         else:
             scores = logits
             if config.repetition_penalty != 1.0:
@@ -215,7 +217,7 @@ class RunningSequence:
                 if config.top_p is not None:
                     scores = sampling.filter_top_p(scores, config.top_p)
                 token = sampling.sample(scores, self.rng)
-        logprob = sampling.log_prob(logits, token)
+        logprob = sampling.log_prob(logits, token, top)
         if token in self.eos and not config.ignore_eos:
             self.finish_reason = FINISH_EOS
             return TokenEvent(self, token, logprob, self.finish_reason)

@@ -23,16 +23,27 @@ def demo_image_path() -> Path:
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """A path, PIL image or HxW / HxWx{1,3,4} uint8 array → an RGB PIL image."""
+    """A path, PIL image or HxW / HxWx{1,3,4} uint8 array → an RGB PIL image.
+
+    Images of more than `spec.MAX_IMAGE_PIXELS` pixels are refused before they are decoded.
+    """
     if isinstance(image, (str, Path)):
         path = Path(image)
+        if path.is_dir():
+            raise ImageError(f"{path} is a directory, not an image file.")
         if not path.is_file():
             raise ImageError(f"Image file {path} does not exist.")
         try:
             with Image.open(path) as opened:
+                _check_pixels(opened.width, opened.height, str(path))
                 opened.load()
                 image = opened.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        except Image.DecompressionBombError as error:  # PIL's own check, at twice our limit
+            raise ImageError(
+                f"{path} claims too many pixels ({error}); the limit is {spec.MAX_IMAGE_PIXELS:,} "
+                "pixels (a guard against decompression bombs)."
+            ) from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise ImageError(f"Cannot read {path} as an image ({error}); use a PNG, JPEG or WebP file.") from error
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image)
@@ -42,7 +53,16 @@ def load_image(image: ImageInput) -> Image.Image:
         )
     if image.width < 1 or image.height < 1:
         raise ImageError(f"Image has no pixels ({image.width}x{image.height}).")
+    _check_pixels(image.width, image.height, "the image")
     return _to_rgb(image)
+
+
+def _check_pixels(width: int, height: int, what: str) -> None:
+    if width * height > spec.MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"{what} has {width}x{height} = {width * height:,} pixels, more than the limit of "
+            f"{spec.MAX_IMAGE_PIXELS:,} (a guard against decompression bombs); downscale it first."
+        )
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
@@ -58,6 +78,10 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale, don't clip at 255
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
         rgba = image.convert("RGBA")

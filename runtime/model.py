@@ -18,7 +18,7 @@ from . import spec, tasks
 from .backend import Decoder, VisionEncoder
 from .backends import load_backend
 from .backends.onnx import OnnxOptions
-from .errors import CorruptExportError, ImageError, PromptError
+from .errors import CorruptExportError, GenerationError, ImageError, PromptError
 from .export_format import Manifest, load_manifest
 from .generation import (
     DecodingBatch,
@@ -70,10 +70,13 @@ class PaliGemma:
         path: str | Path,
         providers: list | None = None,
         threads: int | None = None,
-        verify_checksums: bool = True,
+        verify_checksums: bool | str = True,
         memory_arena: bool = True,
     ) -> PaliGemma:
         """Open an export directory made by `paligemma-edge export` (or `quantize`).
+
+        ``verify_checksums``: True checks each file's sha256 once per file version (remembered in the user's
+        cache), "full" every time, False only sizes.
 
         ``memory_arena=False`` returns onnxruntime's activation memory to the OS after each call: at 896 px
         the prefill's peak RSS drops (int4: 8.0 → 6.3 GB) for ~15 % slower prefill and decode steps.
@@ -110,6 +113,12 @@ class PaliGemma:
             pixels = np.stack([preprocess(image, self.manifest.image_size) for image in loaded])
             encoded_at = time.perf_counter()
             features = self.vision.encode(pixels)
+            expected = (self.manifest.num_image_tokens, self.hidden_size)
+            if features.shape[1:] != expected:
+                raise CorruptExportError(
+                    f"the vision encoder returns features of shape {list(features.shape[1:])}, the manifest "
+                    f"expects {list(expected)}; re-run the export."
+                )
             timings = Timings(preprocess_s=encoded_at - start, vision_s=time.perf_counter() - encoded_at)
             for row, (i, image) in enumerate(zip(todo, loaded)):
                 encoded[i] = ImageFeatures(features[row], image.width, image.height, timings)
@@ -128,6 +137,17 @@ class PaliGemma:
             raise CorruptExportError("The tokenizer does not encode <image> as one token; the export is broken.")
         return ids
 
+    def _token_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """Validated token ids (a negative id would be read as an image slot, a large one crash the graph)."""
+        vocab = self.manifest.language_model.vocab_size
+        try:
+            ids = [int(t) for t in token_ids if not isinstance(t, bool) and int(t) == t]
+        except (TypeError, ValueError, OverflowError) as error:
+            raise GenerationError(f"token ids must be integers: {error}.") from error
+        if len(ids) != len(token_ids) or any(not 0 <= t < vocab for t in ids):
+            raise GenerationError(f"token ids must be integers in [0, {vocab}), got {list(token_ids)[:8]}….")
+        return ids
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
@@ -142,9 +162,23 @@ class PaliGemma:
         """One prompt on one image, ready to join a `DecodingBatch`; ``options`` are GenerationConfig fields."""
         return self._sequences([image], [prompt], GenerationConfig.from_options(config, **options))[0]
 
+    @property
+    def max_positions(self) -> int:
+        """Tokens a sequence may hold: prefix + generated (or scored) tokens."""
+        return self.manifest.language_model.max_positions or spec.DEFAULT_MAX_POSITIONS
+
+    def _check_length(self, prefix_tokens: int, more: int) -> None:
+        if prefix_tokens + more > self.max_positions:
+            raise PromptError(
+                f"{prefix_tokens} prefix tokens (image + prompt) + {more} more exceed the model's "
+                f"{self.max_positions} positions; shorten the prompt or lower max_new_tokens."
+            )
+
     def _sequences(self, images: list, prompts: list[str], config: GenerationConfig) -> list[RunningSequence]:
         prompt_ids = [self.prompt_ids(p) for p in prompts]  # prompt errors before any image work
         configs = [config.validated(tasks.default_max_new_tokens(p)) for p in prompts]
+        for ids, cfg in zip(prompt_ids, configs):
+            self._check_length(len(ids), cfg.max_new_tokens)
         if not images:
             raise ImageError("No image given.")
         features = self.encode_images(images)
@@ -229,8 +263,9 @@ class PaliGemma:
         continuation[t-1]. The continuation is causal, the prefix bidirectional (docs/io-contract.md §4).
         """
         ids = self.prompt_ids(prompt)
+        continuation = self._token_ids(continuation_ids)
+        self._check_length(len(ids), len(continuation))
         features = self.encode_image(image)
-        continuation = [int(t) for t in continuation_ids]
         return teacher_forced_logits(self.decoder, ids, features.features, self.tokens, continuation)
 
     # ----------------------------------------------------------------- task helpers

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from . import spec
+from .errors import GenerationError
 
 _TOKEN = re.compile(r"<loc(\d{4})>|<seg(\d{3})>|;")
 
@@ -142,7 +143,12 @@ def parse_output(
     do) or 1023 (big_vision's evaluator, the exact inverse of training's ``round(v·1023)``).
     ``loc_logprobs`` — the log-probability of each ``<loc>`` token in order — gives every object a
     score: the geometric mean of its four loc-token probabilities.
+
+    Model output never raises; bad arguments (a size or divisor that is not a positive finite number) do.
     """
+    for name, value in (("width", width), ("height", height), ("divisor", divisor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise GenerationError(f"{name} must be a positive number, got {value!r}.")
     result = ParsedOutput()
     if not isinstance(text, str):
         result.dropped.append(f"not a string: {type(text).__name__}")

@@ -11,9 +11,9 @@ from collections.abc import Iterable
 import numpy as np
 
 
-def log_prob(logits: np.ndarray, token: int) -> float:
-    """log softmax(logits)[token], computed without materialising the whole distribution twice."""
-    top = float(logits.max())
+def log_prob(logits: np.ndarray, token: int, top: float | None = None) -> float:
+    """log softmax(logits)[token]; pass ``top`` (the largest logit) when known, to save a pass."""
+    top = float(logits.max()) if top is None else top
     return float(logits[token]) - (top + float(np.log(np.exp(logits - top).sum())))
 
 

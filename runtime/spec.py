@@ -32,6 +32,9 @@ IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
 PATCH_SIZE = 14
 
+# Largest image accepted (PIL's own decompression-bomb threshold, ~9459²); larger ones get an ImageError.
+MAX_IMAGE_PIXELS = 89_478_485
+
 # Box de-normalisation divisor (§8): 1024 as in the HF Space parser, 1023 as in big_vision.
 LOC_DIVISOR_HF = 1024
 LOC_DIVISOR_BIG_VISION = 1023
@@ -39,6 +42,7 @@ LOC_DIVISOR_BIG_VISION = 1023
 # Generation defaults (§11).
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_NEW_TOKENS_LOCALIZATION = 100  # detect / segment, as in the HF Space
+DEFAULT_MAX_POSITIONS = 8192  # every released PaliGemma (exports before format v3 did not record it)
 
 # Bundled demo / verification image (a house, a car and the sun; 320×240).
 DEMO_IMAGE = "assets/demo.png"

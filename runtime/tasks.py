@@ -14,12 +14,23 @@ from .errors import PromptError
 
 
 def clean_prompt(prompt: str) -> str:
-    """Strip the user prompt (trailing whitespace changes tokenization) and reject empty ones."""
+    """Strip the user prompt (trailing whitespace changes tokenization) and reject unusable ones.
+
+    Other special tokens written in a prompt (`<bos>`, `<eos>`, `<loc0001>`, `<seg010>`) become those
+    tokens, exactly as PaliGemmaProcessor tokenizes them; `<image>` is refused (the runtime places the
+    image tokens itself).
+    """
     if not isinstance(prompt, str):
         raise PromptError(f"A prompt must be a string, got {type(prompt).__name__}.")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PromptError(f"The prompt is not valid Unicode text ({error.reason} at {error.start}).") from error
     stripped = prompt.strip()
     if not stripped:
         raise PromptError('The prompt is empty; give a task such as "caption en" or "detect cat".')
+    if spec.IMAGE_TOKEN in stripped:
+        raise PromptError(f"The prompt contains {spec.IMAGE_TOKEN}; leave it out, the runtime adds the image tokens.")
     return stripped
 
 

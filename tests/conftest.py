@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,9 @@ import pytest
 from PIL import Image
 
 from paligemma_edge.export.random_checkpoint import CheckpointShape, make_tiny_checkpoint
+
+# checksums verified once are remembered here, not in the user's cache (subprocesses inherit it)
+os.environ.setdefault("PALIGEMMA_EDGE_CACHE", tempfile.mkdtemp(prefix="paligemma-edge-cache-"))
 
 VARIANTS = {
     # PaliGemma 1: Gemma decoder, one KV head (MQA), 224 px

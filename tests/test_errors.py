@@ -192,7 +192,7 @@ def test_manifest_round_trips(exports):
     [
         (lambda d: d.update(format_version="3"), "integer format_version"),
         (lambda d: d["language_model"].pop("num_layers"), "num_layers"),
-        (lambda d: d["language_model"].update(num_heads="8"), "num_heads must be an integer"),
+        (lambda d: d["language_model"].update(num_heads="8"), "num_heads must be int"),
         (lambda d: d.update(image_size=-224), "image_size"),
         (lambda d: d.update(tokens=[1, 2]), "'tokens' must be a dict"),
         (lambda d: d["graphs"]["decoder"].pop("file"), "file"),

@@ -52,12 +52,24 @@ def _check_io(session: ort.InferenceSession, expected: list[str], graph: str, pa
         )
 
 
+def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], graph: str) -> list[np.ndarray]:
+    """session.run, with onnxruntime's failures (shapes or types the graph rejects) as typed errors."""
+    try:
+        return session.run(None, feeds)
+    except Exception as error:  # onnxruntime's own exception types are not importable in a stable way
+        raise CorruptExportError(
+            f"onnxruntime failed running the {graph} graph ({type(error).__name__}: {str(error)[:300]}); the graph "
+            "and the manifest disagree. Re-run the export."
+        ) from error
+
+
 class OnnxVision:
     """vision.onnx: pixel values → projected image features."""
 
-    def __init__(self, session: ort.InferenceSession):
+    def __init__(self, session: ort.InferenceSession, one_image_per_call: bool = False):
         self.session: ort.InferenceSession | None = session
         self.input_name = session.get_inputs()[0].name
+        self.one_image_per_call = one_image_per_call
 
     @classmethod
     def load(cls, manifest: Manifest, options: OnnxOptions) -> OnnxVision:
@@ -65,12 +77,16 @@ class OnnxVision:
         path = manifest.path(entry.file)
         session = open_session(path, options)
         _check_io(session, entry.inputs, "vision", path)
-        return cls(session)
+        # quantize_dynamic computes one activation scale per call: in a batch, an image's features
+        # would depend on its batch-mates, so int8 graphs see one image at a time
+        return cls(session, one_image_per_call=entry.dtype == "int8")
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         if self.session is None:
             raise ImageError("The vision encoder was closed (close_vision()); load the export again to encode images.")
-        (features,) = self.session.run(None, {self.input_name: pixel_values})
+        if self.one_image_per_call and len(pixel_values) > 1:
+            return np.concatenate([self.encode(pixel_values[i : i + 1]) for i in range(len(pixel_values))])
+        (features,) = _run(self.session, {self.input_name: pixel_values}, "vision")
         return features.astype(np.float32, copy=False)
 
     def close(self) -> None:
@@ -113,12 +129,16 @@ class OnnxDecoder:
         inputs = {i.name: i for i in session.get_inputs()}
         self.cache_names = fmt.cache_input_names(lm.num_layers)
         missing = [name for name in (*fmt.DECODER_INPUTS, *self.cache_names) if name not in inputs]
-        if missing:
+        extra = [name for name in inputs if name.startswith("past_key_values.") and name not in self.cache_names]
+        if missing or extra:
             raise CorruptExportError(
-                f"the decoder graph lacks inputs {missing[:4]} for the manifest's {lm.num_layers} layers; "
-                "the export directory mixes files from different exports. Re-run the export."
+                f"the decoder graph's inputs do not fit the manifest's {lm.num_layers} layers (missing "
+                f"{missing[:3]}, unexpected {extra[:3]}); the export directory mixes files from different exports. "
+                "Re-run the export."
             )
         self.has_sliding = fmt.SLIDING_ATTENTION_MASK in inputs
+        if self.has_sliding and not self.sliding_window:
+            raise CorruptExportError("the decoder has sliding-window layers but the manifest gives no sliding_window.")
         self.embed_dtype = _ORT_TYPES[inputs[fmt.IMAGE_EMBEDS].type]
         self.cache_dtype = _ORT_TYPES[inputs[self.cache_names[0]].type]
 
@@ -154,7 +174,7 @@ class OnnxDecoder:
         if self.has_sliding:
             window = restrict_to_window(mask, layout.positions, layout.mask_ar, int(self.sliding_window))
             feeds[fmt.SLIDING_ATTENTION_MASK] = place_in_buffer(window, cache.kv.capacity)
-        logits, *new_keys_values = self.session.run(None, feeds)
+        logits, *new_keys_values = _run(self.session, feeds, "decoder")
         cache.kv.append(new_keys_values)
         return logits.astype(np.float32, copy=False)
 
