@@ -42,9 +42,12 @@ class GenerationConfig:
         if unknown:
             raise GenerationError(f"Unknown generation option(s) {unknown}; known: {sorted(known)}.")
         given = {k: v for k, v in options.items() if v is not None}
-        if isinstance(given.get("stop"), str):
-            given["stop"] = (given["stop"],)
-        return replace(base or cls(), **{k: tuple(v) if k == "stop" else v for k, v in given.items()})
+        if "stop" in given:
+            stop = given["stop"]
+            if not isinstance(stop, (str, list, tuple)):
+                raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}.")
+            given["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        return replace(base or cls(), **given)
 
     def validated(self, default_max_new_tokens: int) -> GenerationConfig:
         """This config with max_new_tokens filled in; a GenerationError names the first bad option."""

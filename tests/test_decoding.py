@@ -127,6 +127,7 @@ def test_ignore_eos_timings_and_usage(model, images):
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"seed": 1.5}, "seed"),
         ({"stop": [""]}, "stop"),
+        ({"stop": 5}, "stop"),
         ({"temprature": 1.0}, "Unknown generation option"),
     ],
 )
