@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import ChecksumMismatchError, CorruptExportError, ExportNotFoundError
+from .errors import ChecksumMismatchError, CorruptExportError, ExportNotFoundError, OutputPathError
 
 FORMAT_NAME = "paligemma-edge"
 # v2: the decoder reads a KV buffer and returns only the new tokens' keys/values.
@@ -229,10 +229,16 @@ class Manifest:
         """Write manifest.json atomically (a temporary file renamed over the old one)."""
         directory = Path(directory or self.directory)
         path = directory / MANIFEST_FILE
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_FILE}.")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_FILE}.")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as error:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise OutputPathError(f"cannot write {path}: {error.strerror or error}.") from error
         self.directory = directory
         return path
 
