@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint browser
 
 setup: $(VENV)/.installed
 
@@ -21,5 +21,10 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: lint
+# the server's page is tested in a real headless browser: Debian's chromium and its driver
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+test: lint browser
 	$(BIN)/python -m pytest -q

@@ -21,6 +21,7 @@ _EXTRA_OF = {
     **dict.fromkeys(["torch", "transformers", "onnxscript", "safetensors", "huggingface_hub"], "export"),
     **dict.fromkeys(["onnx", "onnx_ir"], "quant"),
     **dict.fromkeys(["psutil", "matplotlib"], "bench"),
+    **dict.fromkeys(["starlette", "uvicorn", "prometheus_client"], "serve"),
 }
 
 
@@ -232,6 +233,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .runtime.export_format import load_manifest
+    from .runtime.model import PaliGemma
+    from .serve.app import ServerSettings, create_app
+
+    load_manifest(args.export_dir).verify_files(checksums=False)  # a wrong path fails now, not in the background
+    if args.allow_local_files is not None and not args.allow_local_files.is_dir():
+        raise PaliGemmaEdgeError(f"--allow-local-files {args.allow_local_files} is not a directory.")
+    settings = ServerSettings(
+        model_id=args.model_id or args.export_dir.resolve().name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+        allow_local_files=args.allow_local_files,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        request_timeout=args.timeout,
+    )
+
+    def load() -> PaliGemma:
+        return PaliGemma.load(args.export_dir, providers=args.provider, threads=args.threads)
+
+    uvicorn.run(create_app(load, settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .runtime.export_format import load_manifest
 
@@ -367,6 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None, help="write the full report here")
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG chart here")
     bench.set_defaults(func=_cmd_bench)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with detect/segment endpoints and a page")
+    serve.add_argument("export_dir", type=Path, help="an export directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-queue", type=_positive_int, default=64, help="requests that may wait; then 503")
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    serve.add_argument("--allow-local-files", type=Path, default=None, help="accept image paths inside this DIR")
+    serve.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (413 beyond)")
+    serve.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (504 beyond)")
+    serve.add_argument("--model-id", default=None, help="the model name clients use (default: the export's name)")
+    serve.add_argument(
+        "--provider", action="append", default=None, help="onnxruntime execution provider (default: CPU)"
+    )
+    serve.add_argument("--threads", type=int, default=None, help=threads_help)
+    serve.set_defaults(func=_cmd_serve)
 
     info = sub.add_parser("info", help="summarise an export directory's manifest")
     info.add_argument("export_dir", type=Path, help="an export directory")

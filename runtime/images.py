@@ -6,6 +6,7 @@ RGB (transparency composited onto white, grayscale replicated), bicubic squash t
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from . import spec
 from .errors import ImageError
 
-ImageInput = str | Path | Image.Image | np.ndarray
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
 
 def demo_image_path() -> Path:
@@ -23,7 +24,7 @@ def demo_image_path() -> Path:
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """A path, PIL image or HxW / HxWx{1,3,4} uint8 array → an RGB PIL image.
+    """A path, the bytes of an image file, a PIL image or an HxW / HxWx{1,3,4} uint8 array → an RGB PIL image.
 
     Images of more than `spec.MAX_IMAGE_PIXELS` pixels are refused before they are decoded.
     """
@@ -33,28 +34,35 @@ def load_image(image: ImageInput) -> Image.Image:
             raise ImageError(f"{path} is a directory, not an image file.")
         if not path.is_file():
             raise ImageError(f"Image file {path} does not exist.")
-        try:
-            with Image.open(path) as opened:
-                _check_pixels(opened.width, opened.height, str(path))
-                opened.load()
-                image = opened.copy()
-        except Image.DecompressionBombError as error:  # PIL's own check, at twice our limit
-            raise ImageError(
-                f"{path} claims too many pixels ({error}); the limit is {spec.MAX_IMAGE_PIXELS:,} "
-                "pixels (a guard against decompression bombs)."
-            ) from error
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise ImageError(f"Cannot read {path} as an image ({error}); use a PNG, JPEG or WebP file.") from error
+        image = _decode(path, str(path))
+    elif isinstance(image, bytes):
+        image = _decode(io.BytesIO(image), "the image data")
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     elif not isinstance(image, Image.Image):
         raise ImageError(
-            f"Unsupported image type {type(image).__name__}; pass a file path, a PIL.Image or an HxWx3 uint8 array."
+            f"Unsupported image type {type(image).__name__}; pass a file path, image bytes, a PIL.Image or an "
+            "HxWx3 uint8 array."
         )
     if image.width < 1 or image.height < 1:
         raise ImageError(f"Image has no pixels ({image.width}x{image.height}).")
     _check_pixels(image.width, image.height, "the image")
     return _to_rgb(image)
+
+
+def _decode(source: Path | io.BytesIO, what: str) -> Image.Image:
+    try:
+        with Image.open(source) as opened:
+            _check_pixels(opened.width, opened.height, what)
+            opened.load()
+            return opened.copy()
+    except Image.DecompressionBombError as error:  # PIL's own check, at twice our limit
+        raise ImageError(
+            f"{what} claims too many pixels ({error}); the limit is {spec.MAX_IMAGE_PIXELS:,} "
+            "pixels (a guard against decompression bombs)."
+        ) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"Cannot read {what} as an image ({error}); use a PNG, JPEG or WebP file.") from error
 
 
 def _check_pixels(width: int, height: int, what: str) -> None:

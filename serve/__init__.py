@@ -1,0 +1,1 @@
+"""`paligemma-edge serve`: an OpenAI-compatible HTTP server with continuous batching (the [serve] extra)."""

@@ -1,0 +1,385 @@
+"""`paligemma-edge serve` for real: uvicorn on a loopback port, the official openai client, httpx for the task
+endpoints and every bad input, 16 concurrent clients, and the page in Debian's headless chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from openai import OpenAI
+from PIL import Image
+
+from paligemma_edge import PaliGemma
+from paligemma_edge.serve.app import ServerSettings, create_app
+
+API_KEY = "test-key"
+
+
+class SlowDecoder:
+    """The real onnxruntime decoder behind the backend seam, with a pause per call: long generations on a tiny
+    model, so queueing can be tested without racing the clock."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay, self.hidden_size = inner, delay, inner.hidden_size
+
+    def new_cache(self, batch_size: int):
+        return self.inner.new_cache(batch_size)
+
+    def forward(self, cache, chunk):
+        time.sleep(self.delay)
+        return self.inner.forward(cache, chunk)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving the app in a thread on a free loopback port; stops by itself at teardown."""
+
+    def __init__(self, export_dir: Path, step_delay: float = 0.0, **settings):
+        self.export_dir = export_dir
+        self.settings = ServerSettings(model_id="pg-test", **settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+        def load() -> PaliGemma:
+            model = PaliGemma.load(export_dir)
+            if step_delay:
+                model.decoder = SlowDecoder(model.decoder, step_delay)
+            return model
+
+        app = create_app(load, self.settings)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the server did not become healthy")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def post(self, path: str, body, key: str | None = API_KEY, **kwargs) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if isinstance(body, (bytes, str)):
+            return httpx.post(self.url + path, content=body, headers=headers, timeout=60, **kwargs)
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kwargs)
+
+    def client(self) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_body(image_url: str, prompt: str, **extra) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": prompt}]
+    return {"model": "pg-test", "messages": [{"role": "user", "content": content}], **extra}
+
+
+@pytest.fixture(scope="module")
+def allowed_dir(tmp_path_factory, images) -> Path:
+    folder = tmp_path_factory.mktemp("allowed")
+    images[0].save(folder / "inside.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def live(exports, allowed_dir):
+    with LiveServer(
+        exports["pg1"].export_dir, api_key=API_KEY, allow_local_files=allowed_dir, max_body_bytes=2 * 1024 * 1024
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(exports):
+    return PaliGemma.load(exports["pg1"].export_dir)
+
+
+def test_openai_client_plain_and_streaming(live, reference, images):
+    client = live.client()
+    messages = chat_body(data_uri(images[0]), "caption en")["messages"]
+    expected = reference.generate(images[0], "caption en", 12)
+    reply = client.chat.completions.create(model="pg-test", messages=messages, max_tokens=12)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    stream = client.chat.completions.create(
+        model="pg-test", messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["pg-test"]
+
+
+def test_sampling_options_and_stop_pass_through(live, reference, images):
+    body = chat_body(data_uri(images[1]), "caption en", max_tokens=10, temperature=0.9, top_p=0.9, seed=5)
+    response = live.post("/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    expected = reference.generate(images[1], "caption en", 10, temperature=0.9, top_p=0.9, seed=5)
+    assert response.json()["choices"][0]["message"]["content"] == expected.text
+    full = reference.generate(images[1], "caption en", 16).text
+    stop = full[len(full) // 2 : len(full) // 2 + 4]
+    response = live.post(
+        "/v1/chat/completions", chat_body(data_uri(images[1]), "caption en", max_tokens=16, stop=[stop])
+    )
+    assert response.json()["choices"][0]["message"]["content"] == full[: full.find(stop)]
+
+
+def test_local_files_only_inside_the_allowed_dir(live, reference, images, allowed_dir, tmp_path):
+    inside = live.post("/v1/chat/completions", chat_body(str(allowed_dir / "inside.png"), "ocr", max_tokens=6))
+    assert inside.status_code == 200, inside.text
+    assert inside.json()["choices"][0]["message"]["content"] == reference.generate(images[0], "ocr", 6).text
+    images[0].save(tmp_path / "outside.png")
+    for path in [str(tmp_path / "outside.png"), str(allowed_dir / ".." / "outside.png"), "/etc/passwd"]:
+        response = live.post("/v1/chat/completions", chat_body(path, "ocr"))
+        assert response.status_code == 403 and response.json()["error"]["code"] == "path_not_allowed", path
+
+
+def _png_claiming(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    raw = bytearray(buffer.getvalue())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])) & 0xFFFFFFFF)
+    return "data:image/png;base64," + base64.b64encode(bytes(raw)).decode()
+
+
+def test_bad_inputs_get_4xx_and_the_server_keeps_serving(live, images):
+    good = data_uri(images[0])
+    two_images = chat_body(good, "caption en")
+    two_images["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": good}})
+    cases = [
+        (live.post("/v1/chat/completions", b"{not json"), 400, "invalid_json"),
+        (live.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}), 400, "missing_image"),
+        (live.post("/v1/chat/completions", two_images), 400, "too_many_images"),
+        (
+            live.post(
+                "/v1/chat/completions", chat_body("data:image/png;base64," + base64.b64encode(b"nope").decode(), "ocr")
+            ),
+            400,
+            "ImageError",
+        ),
+        (live.post("/v1/chat/completions", chat_body(_png_claiming(40000, 40000), "ocr")), 400, "ImageError"),
+        (
+            live.post("/v1/chat/completions", chat_body("data:image/png;base64," + "A" * (3 * 1024 * 1024), "ocr")),
+            413,
+            "request_too_large",
+        ),
+        (live.post("/v1/chat/completions", {**chat_body(good, "ocr"), "model": "gpt-4"}), 404, "model_not_found"),
+        (live.post("/v1/chat/completions", chat_body(good, "word " * 9000)), 400, "context_length_exceeded"),
+        (live.post("/v1/chat/completions", chat_body(good, "ocr"), key="wrong"), 401, "invalid_api_key"),
+        (live.post("/v1/chat/completions", chat_body(good, "ocr"), key=None), 401, "invalid_api_key"),
+        (live.post("/v1/chat/completions", chat_body(good, "ocr", temperature=-1)), 400, "invalid_value"),
+        (live.post("/v1/chat/completions", chat_body("https://example.com/x.png", "ocr")), 400, "invalid_image"),
+        (live.post("/v1/detect", {"labels": ["car"]}), 400, "missing_image"),
+        (live.post("/v1/detect", {"image": good, "labels": 5}), 400, "PromptError"),
+        (live.post("/v1/segment", {"image": good, "labels": ["car"], "iou_threshold": 7}), 400, "invalid_value"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, (code, response.text)
+        error = response.json()["error"]
+        assert error["code"] == code and error["message"] and error["type"], error
+    assert live.post("/v1/chat/completions", chat_body(good, "ocr", max_tokens=4)).status_code == 200
+    metrics = httpx.get(f"{live.url}/metrics").text
+    assert 'paligemma_requests_total{endpoint="chat_completions",status="400"}' in metrics
+    assert "paligemma_time_to_first_token_seconds_bucket" in metrics and "paligemma_queue_depth" in metrics
+
+
+def test_sixteen_concurrent_clients_get_their_single_call_tokens(live, reference, images):
+    jobs = [
+        (images[i % 3], ["caption en", "ocr", "detect house ; car", "answer en what is it?"][i % 4], 4 + 3 * i)
+        for i in range(16)
+    ]
+
+    def call(job):
+        image, prompt, max_tokens = job
+        response = live.post("/v1/chat/completions", chat_body(data_uri(image), prompt, max_tokens=max_tokens))
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(call, jobs))
+    assert texts == [reference.generate(image, prompt, n).text for image, prompt, n in jobs]
+
+
+def test_long_generation_does_not_block_short_ones_and_disconnect_stops_it(live):
+    """A client streaming a very long generation, then going away: a short request finishes meanwhile, and the
+    long one stops (the batch empties long before its 4000 tokens)."""
+    image = data_uri(Image.new("RGB", (32, 32), (90, 30, 200)))
+    body = chat_body(image, "caption en", max_tokens=4000, ignore_eos=True, stream=True)
+    with httpx.stream(
+        "POST", f"{live.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
+    ) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        start = time.perf_counter()
+        short = live.post("/v1/chat/completions", chat_body(image, "ocr", max_tokens=3))
+        assert short.status_code == 200 and time.perf_counter() - start < 10
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if "paligemma_active_sequences 0.0" in httpx.get(f"{live.url}/metrics").text:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the disconnected client's generation kept running")
+
+
+def test_queue_full_is_503_with_retry_after(exports):
+    image = data_uri(Image.new("RGB", (32, 32)))
+    with LiveServer(exports["pg1"].export_dir, step_delay=0.02, max_batch=1, max_queue=1) as server:
+        long = chat_body(image, "caption en", max_tokens=3000, ignore_eos=True, stream=True)  # a minute
+        first = httpx.stream("POST", f"{server.url}/v1/chat/completions", json=long, timeout=60)
+        second = httpx.stream("POST", f"{server.url}/v1/chat/completions", json=long, timeout=60)
+        with first as a:
+            lines = (line for line in a.iter_lines() if line.startswith("data:"))
+            next(lines), next(lines)  # a token: the first is decoding, the batch (of 1) is full
+            with second:  # submitted: it waits in the queue
+                third = server.post("/v1/chat/completions", chat_body(image, "ocr"), key=None)
+                assert third.status_code == 503 and third.headers["retry-after"] == "1"
+                assert third.json()["error"]["code"] == "queue_full"
+
+
+def test_timeout_is_504(exports):
+    image = data_uri(Image.new("RGB", (32, 32)))
+    with LiveServer(exports["pg1"].export_dir, request_timeout=0.3) as server:
+        response = server.post(
+            "/v1/chat/completions", chat_body(image, "caption en", max_tokens=5000, ignore_eos=True), key=None
+        )
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        assert server.post("/v1/chat/completions", chat_body(image, "ocr", max_tokens=2), key=None).status_code == 200
+
+
+# ---------------------------------------------------------------- detect / segment, and the page, on a scripted model
+@pytest.fixture(scope="module")
+def scripted_export(tmp_path_factory):
+    from paligemma_edge.export.exporter import ExportSettings, export_model
+    from paligemma_edge.export.random_checkpoint import CheckpointShape, make_scripted_checkpoint
+
+    from .test_segmentation import SCRIPT, write_vae_npz
+
+    root = tmp_path_factory.mktemp("scripted-serve")
+    checkpoint = make_scripted_checkpoint(root / "hf", SCRIPT, CheckpointShape(version=2, kv_heads=2))
+    write_vae_npz(root / "vae-oid.npz", 64, 32)
+    export_model(checkpoint, root / "export", ExportSettings(seg_decoder=root / "vae-oid.npz"))
+    return root / "export"
+
+
+def test_detect_and_segment_json(scripted_export, images):
+    model = PaliGemma.load(scripted_export)
+    with LiveServer(scripted_export) as server:
+        for task in ("detect", "segment"):
+            response = server.post(f"/v1/{task}", {"image": data_uri(images[2]), "labels": ["car"]}, key=None)
+            assert response.status_code == 200, response.text
+            got = response.json()
+            expected = getattr(model, task)(images[2], ["car"]).to_dict(mask_format="rle")
+            assert got["objects"] == json.loads(json.dumps(expected["objects"]))
+            assert got["dropped"] == expected["dropped"] and got["image_size"] == [images[2].width, images[2].height]
+        assert "mask" in got["objects"][0] and got["objects"][0]["label"] == "car"
+
+
+def test_page_in_headless_chromium(scripted_export, images, tmp_path):
+    """Upload the bundled image on the page, run detect, see the box drawn and the JSON shown."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from paligemma_edge.runtime.images import demo_image_path
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.binary_location = "/usr/bin/chromium"
+    with LiveServer(scripted_export) as server:
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        try:
+            driver.get(server.url + "/")
+            driver.find_element(By.ID, "file").send_keys(str(demo_image_path()))
+            Select(driver.find_element(By.ID, "task")).select_by_value("segment")
+            driver.find_element(By.ID, "extra").send_keys("car")
+            width = Image.open(demo_image_path()).width
+            WebDriverWait(driver, 20).until(
+                lambda d: d.execute_script("return document.getElementById('view').width") == width
+            )  # the image was read and drawn
+            driver.find_element(By.ID, "run").click()
+            WebDriverWait(driver, 60).until(
+                lambda d: (
+                    d.find_element(By.ID, "status").text in ("done",)
+                    or d.find_element(By.ID, "status").text.startswith("error")
+                )
+            )
+            assert driver.find_element(By.ID, "status").text == "done"
+            shown = json.loads(driver.find_element(By.ID, "json").text)
+            boxes = int(driver.find_element(By.ID, "view").get_attribute("data-boxes"))
+            assert boxes == len(shown["objects"]) >= 1 and shown["objects"][0]["label"] == "car"
+            drawn = driver.execute_script("const c = document.getElementById('view'); return [c.width, c.height];")
+            assert drawn == list(Image.open(demo_image_path()).size)
+            driver.save_screenshot(str(tmp_path / "page.png"))
+        finally:
+            driver.quit()
+
+
+def test_serve_command_logs_one_line_per_request(exports, images):
+    port = free_port()
+    command = [sys.executable, "-m", "paligemma_edge.cli", "serve", str(exports["pg1"].export_dir), "--port", str(port)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = chat_body(data_uri(images[0]), "ocr", max_tokens=3)
+        body["model"] = exports["pg1"].export_dir.name
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=30)
+    logged = (out + err).splitlines()
+    assert sum("POST /v1/chat/completions" in line for line in logged) == 1, out + err
+
+
+def test_load_benchmark_smoke(live):
+    from paligemma_edge.benchmarks.serve_load import run_load
+
+    report = run_load(live.url, clients=2, requests_per_client=2, max_tokens=4, api_key=API_KEY)
+    assert report["requests"] == 4 and report["errors"] == 0
+    assert report["requests_per_s"] > 0 and report["ttft_p95_s"] >= report["ttft_p50_s"] > 0
+    np.testing.assert_equal(report["completion_tokens"] > 0, True)
