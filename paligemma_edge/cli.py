@@ -260,6 +260,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.data import read_examples
+    from .eval.run import evaluate, table
+    from .runtime.model import PaliGemma
+
+    examples = read_examples(args.data)[: args.limit]  # a malformed line fails before the model loads
+    model = PaliGemma.load(args.export_dir, threads=args.threads)
+    report = {"export": str(args.export_dir), "data": str(args.data), "tasks": evaluate(model, examples)}
+    if model.manifest.random_weights:
+        report["note"] = "RANDOM weights: these figures say nothing about quality"
+    print(
+        json.dumps(report, indent=2)
+        if args.json
+        else table(report["tasks"]) + (f"\n{report['note']}" if "note" in report else "")
+    )
+    return 0
+
+
+def _cmd_shapes_data(args: argparse.Namespace) -> int:
+    from .eval.shapes import write_shapes_set
+
+    print(write_shapes_set(args.out_dir, args.count, args.seed, args.overwrite))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .runtime.export_format import load_manifest
 
@@ -412,6 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--threads", type=int, default=None, help=threads_help)
     serve.set_defaults(func=_cmd_serve)
+
+    evaluation = sub.add_parser("eval", help="task quality of an export on a JSONL data set")
+    evaluation.add_argument("export_dir", type=Path, help="an export directory (any recipe)")
+    evaluation.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="JSON Lines: image, prompt and the expected answer, boxes or masks per line (see eval/data.py)",
+    )
+    evaluation.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
+    evaluation.add_argument("--threads", type=int, default=None, help=threads_help)
+    evaluation.add_argument("--json", action="store_true", help=json_help)
+    evaluation.set_defaults(func=_cmd_eval)
+
+    shapes = sub.add_parser("shapes-data", help="write the synthetic shapes task set as an eval JSONL file")
+    shapes.add_argument("out_dir", type=Path, help="directory for images/ and data.jsonl")
+    shapes.add_argument("--count", type=_positive_int, default=100, help="number of scenes")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed (the same seed, the same set)")
+    shapes.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    shapes.set_defaults(func=_cmd_shapes_data)
 
     info = sub.add_parser("info", help="summarise an export directory's manifest")
     info.add_argument("export_dir", type=Path, help="an export directory")

@@ -97,3 +97,51 @@ def hf_generate(model, processor, images, prompts, max_new_tokens: int) -> list[
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
         rows.append(row[:cut])
     return rows
+
+
+# a PaliGemma 2 whose greedy output is always this (tests of boxes, masks, eval, the server's page)
+SCRIPT = "<loc0256><loc0128><loc0768><loc0640>" + "".join(f"<seg{i:03d}>" for i in range(40, 56)) + " car"
+
+
+def write_vae_npz(path, dim: int = 512, res_hidden: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random vae-oid.npz in exactly the spec's key/shape layout (encoder keys included, unused)."""
+    rng = np.random.default_rng(seed)
+    arrays = {"_vq_vae._embedding": rng.normal(size=(128, dim)).astype(np.float32)}
+
+    def conv(name, out, inp, k):
+        arrays[f"{name}.weight"] = (rng.normal(size=(out, inp, k, k)) / np.sqrt(inp * k * k)).astype(np.float32)
+        arrays[f"{name}.bias"] = (rng.normal(size=out) * 0.1).astype(np.float32)
+
+    def conv_t(name, inp, out):
+        arrays[f"{name}.weight"] = (rng.normal(size=(inp, out, 4, 4)) / np.sqrt(inp * 4)).astype(np.float32)
+        arrays[f"{name}.bias"] = (rng.normal(size=out) * 0.1).astype(np.float32)
+
+    conv("decoder.0", 128, dim, 1)
+    for block in ("decoder.2", "decoder.3"):
+        conv(f"{block}.net.0", res_hidden, 128, 3)
+        conv(f"{block}.net.2", res_hidden, res_hidden, 3)
+        conv(f"{block}.net.4", 128, res_hidden, 1)
+    for name, (inp, out) in {
+        "decoder.4": (128, 128),
+        "decoder.6": (128, 64),
+        "decoder.8": (64, 32),
+        "decoder.10": (32, 16),
+    }.items():
+        conv_t(name, inp, out)
+    conv("decoder.12", 1, 16, 1)
+    conv("encoder.0", 16, 3, 3)  # present in the real file, unused
+    np.savez(path, **arrays)
+    return arrays
+
+
+@pytest.fixture(scope="session")
+def scripted_export(tmp_path_factory) -> Path:
+    """An export of the scripted checkpoint with a (random) VQ-VAE mask decoder attached."""
+    from paligemma_edge.export.exporter import ExportSettings, export_model
+    from paligemma_edge.export.random_checkpoint import make_scripted_checkpoint
+
+    root = tmp_path_factory.mktemp("scripted-export")
+    checkpoint = make_scripted_checkpoint(root / "hf", SCRIPT, CheckpointShape(version=2, kv_heads=2))
+    write_vae_npz(root / "vae-oid.npz", 64, 32)
+    export_model(checkpoint, root / "export", ExportSettings(seg_decoder=root / "vae-oid.npz"))
+    return root / "export"

@@ -19,38 +19,7 @@ from paligemma_edge.runtime.errors import MaskDecoderError
 from paligemma_edge.runtime.outputs import DetectedObject, non_max_suppression, rle_to_mask
 from paligemma_edge.runtime.segmentation import paste_mask
 
-from .conftest import run_cli
-
-
-def write_vae_npz(path, dim: int = 512, res_hidden: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random vae-oid.npz in exactly the spec's key/shape layout (encoder keys included, unused)."""
-    rng = np.random.default_rng(seed)
-    arrays = {"_vq_vae._embedding": rng.normal(size=(128, dim)).astype(np.float32)}
-
-    def conv(name, out, inp, k):
-        arrays[f"{name}.weight"] = (rng.normal(size=(out, inp, k, k)) / np.sqrt(inp * k * k)).astype(np.float32)
-        arrays[f"{name}.bias"] = (rng.normal(size=out) * 0.1).astype(np.float32)
-
-    def conv_t(name, inp, out):
-        arrays[f"{name}.weight"] = (rng.normal(size=(inp, out, 4, 4)) / np.sqrt(inp * 4)).astype(np.float32)
-        arrays[f"{name}.bias"] = (rng.normal(size=out) * 0.1).astype(np.float32)
-
-    conv("decoder.0", 128, dim, 1)
-    for block in ("decoder.2", "decoder.3"):
-        conv(f"{block}.net.0", res_hidden, 128, 3)
-        conv(f"{block}.net.2", res_hidden, res_hidden, 3)
-        conv(f"{block}.net.4", 128, res_hidden, 1)
-    for name, (inp, out) in {
-        "decoder.4": (128, 128),
-        "decoder.6": (128, 64),
-        "decoder.8": (64, 32),
-        "decoder.10": (32, 16),
-    }.items():
-        conv_t(name, inp, out)
-    conv("decoder.12", 1, 16, 1)
-    conv("encoder.0", 16, 3, 3)  # present in the real file, unused
-    np.savez(path, **arrays)
-    return arrays
+from .conftest import SCRIPT, run_cli, write_vae_npz
 
 
 class TorchDecoder(nn.Module):
@@ -149,9 +118,6 @@ def test_scores_are_geometric_means_and_nms():
     assert [(o.label, round(o.score, 2)) for o in kept] == [("cat", 0.74), ("dog", 0.99)]
     mismatched = parse_output(text, 1024, 1024, loc_logprobs=logprobs[:5])
     assert all(o.score is None for o in mismatched) and "not scored" in mismatched.dropped[0]
-
-
-SCRIPT = "<loc0256><loc0128><loc0768><loc0640>" + "".join(f"<seg{i:03d}>" for i in range(40, 56)) + " car"
 
 
 @pytest.fixture(scope="module")

@@ -285,20 +285,6 @@ def test_timeout_is_504(exports):
 
 
 # ---------------------------------------------------------------- detect / segment, and the page, on a scripted model
-@pytest.fixture(scope="module")
-def scripted_export(tmp_path_factory):
-    from paligemma_edge.export.exporter import ExportSettings, export_model
-    from paligemma_edge.export.random_checkpoint import CheckpointShape, make_scripted_checkpoint
-
-    from .test_segmentation import SCRIPT, write_vae_npz
-
-    root = tmp_path_factory.mktemp("scripted-serve")
-    checkpoint = make_scripted_checkpoint(root / "hf", SCRIPT, CheckpointShape(version=2, kv_heads=2))
-    write_vae_npz(root / "vae-oid.npz", 64, 32)
-    export_model(checkpoint, root / "export", ExportSettings(seg_decoder=root / "vae-oid.npz"))
-    return root / "export"
-
-
 def test_detect_and_segment_json(scripted_export, images):
     model = PaliGemma.load(scripted_export)
     with LiveServer(scripted_export) as server:
