@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from ..runtime import tasks
 from ..runtime.errors import PaliGemmaEdgeError, PromptError
-from ..runtime.generation import FINISH_LENGTH, GenerationResult
+from ..runtime.generation import FINISH_LENGTH, GenerationResult, StopText
 from ..runtime.model import PaliGemma
 from .engine import FINISH_TIMEOUT, Engine, Job, QueueFullError
 from .inputs import ApiError, ImagePolicy, chat_inputs, generation_options, read_json
@@ -184,7 +184,6 @@ class Server:
 
     async def _chunks(self, job: Job, base: dict, include_usage: bool):
         """Server-sent events in OpenAI's chunk format, ending with [DONE]; a disconnect cancels the job."""
-        from ..runtime.generation import StopText
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             payload = {

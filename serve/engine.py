@@ -6,7 +6,6 @@ their events from an asyncio queue.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
@@ -39,7 +38,6 @@ class Job:
     first_token: float | None = None
     last_token: float | None = None
     cancelled: bool = False
-    done: bool = False
 
     def push(self, kind: str, payload) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
@@ -79,7 +77,6 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="paligemma-engine", daemon=True)
-        self.ids = itertools.count()
 
     def start(self) -> None:
         self.thread.start()

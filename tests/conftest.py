@@ -145,3 +145,17 @@ def scripted_export(tmp_path_factory) -> Path:
     write_vae_npz(root / "vae-oid.npz", 64, 32)
     export_model(checkpoint, root / "export", ExportSettings(seg_decoder=root / "vae-oid.npz"))
     return root / "export"
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width × height pixels (a decompression bomb's calling card)."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    raw = bytearray(buffer.getvalue())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])) & 0xFFFFFFFF)
+    return bytes(raw)
