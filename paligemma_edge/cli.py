@@ -251,6 +251,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow_local_files=args.allow_local_files,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         request_timeout=args.timeout,
+        prefills_per_step=args.prefills_per_step,
     )
 
     def load() -> PaliGemma:
@@ -427,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together")
     serve.add_argument("--max-queue", type=_positive_int, default=64, help="requests that may wait; then 503")
+    serve.add_argument(
+        "--prefills-per-step",
+        type=_positive_int,
+        default=1,
+        help="new requests prefilled between two decoding steps (1: running ones keep decoding)",
+    )
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     serve.add_argument("--allow-local-files", type=Path, default=None, help="accept image paths inside this DIR")
     serve.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (413 beyond)")

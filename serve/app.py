@@ -44,6 +44,7 @@ class ServerSettings:
     allow_local_files: Path | None = None
     max_body_bytes: int = 20 * 1024 * 1024
     request_timeout: float = 600.0
+    prefills_per_step: int = 1
 
 
 class Server:
@@ -61,8 +62,14 @@ class Server:
     def _load(self) -> None:
         try:
             model = self.load_model()
+            settings = self.settings
             engine = Engine(
-                model, self.metrics, self.settings.max_batch, self.settings.max_queue, self.settings.request_timeout
+                model,
+                self.metrics,
+                settings.max_batch,
+                settings.max_queue,
+                settings.request_timeout,
+                settings.prefills_per_step,
             )
             engine.start()
             self.model, self.engine = model, engine

@@ -65,10 +65,14 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         request_timeout: float = 600.0,
+        prefills_per_step: int = 1,
     ):
         self.model = model
         self.metrics = metrics
         self.max_batch = max_batch
+        # new sequences prefilled between two decoding steps: 1 keeps the running ones decoding while a burst of
+        # arrivals is admitted one prefill at a time, instead of stalling them for one long batched prefill
+        self.prefills_per_step = prefills_per_step
         self.max_queue = max_queue
         self.request_timeout = request_timeout
         self.pending: deque[Job] = deque()
@@ -106,7 +110,11 @@ class Engine:
                 if self.stopping:
                     break
                 admitted = []
-                while self.pending and len(self.active) + len(admitted) < self.max_batch:
+                while (
+                    self.pending
+                    and len(self.active) + len(admitted) < self.max_batch
+                    and len(admitted) < self.prefills_per_step
+                ):
                     admitted.append(self.pending.popleft())
                 self.metrics.queue_depth.set(len(self.pending))
             try:
