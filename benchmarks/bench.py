@@ -176,7 +176,8 @@ def run_bench(
 def table(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"{m['cpu']} · {m['threads']} threads · {m['ram_gb']} GB · onnxruntime {m['onnxruntime']} · "
+        f"{m['cpu']} ({' '.join(m.get('cpu_flags', []))}) · {m['threads']} threads · {m['ram_gb']} GB · "
+        f"onnxruntime {m['onnxruntime']} · "
         f"bandwidth {m['bandwidth_gbs']} GB/s · matmul {m['matmul_gflops']} GFLOP/s",
         f"{'target':<34} {'backend':<12} {'prec':<6} {'load s':>7} {'vision s':>8} {'prefill s':>9} {'TTFT s':>7} "
         f"{'tok/s':>7} {'step ms 1st/last':>17} {'peak GB':>7} {'disk GB':>7} {'roof %':>6} {'best':>6} {'GB/s':>5}",

@@ -51,7 +51,10 @@ def test_bench_cli_smoke(exports, tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(report_path.read_text())
     machine = report["machine"]
-    assert {"cpu", "threads", "ram_gb", "onnxruntime", "numpy", "bandwidth_gbs", "matmul_gflops"} <= set(machine)
+    assert {"cpu", "cpu_flags", "threads", "ram_gb", "onnxruntime", "numpy", "bandwidth_gbs", "matmul_gflops"} <= set(
+        machine
+    )
+    assert isinstance(machine["cpu_flags"], list)
     assert machine["bandwidth_gbs"] > 0 and machine["matmul_gflops"] > 0
     onnx_results = [r for r in report["results"] if r["backend"] == "onnxruntime"]
     hf_results = [r for r in report["results"] if r["backend"].startswith("transformers")]
