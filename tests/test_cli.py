@@ -80,3 +80,18 @@ def test_user_errors_are_one_line_and_exit_2(exports, images, tmp_path):
         out = run_cli(*args)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (args, out.stderr)
+
+
+def test_every_command_and_option_explains_itself():
+    import argparse
+
+    from paligemma_edge.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in commands._choices_actions}
+    assert all(helps.values()) and len(helps) >= 12, helps
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"paligemma-edge {name}: {action.option_strings or action.dest} has no help text"

@@ -129,7 +129,8 @@ class OnnxDecoder:
         inputs = {i.name: i for i in session.get_inputs()}
         self.cache_names = fmt.cache_input_names(lm.num_layers)
         missing = [name for name in (*fmt.DECODER_INPUTS, *self.cache_names) if name not in inputs]
-        extra = [name for name in inputs if name.startswith("past_key_values.") and name not in self.cache_names]
+        known = {*fmt.DECODER_INPUTS, fmt.SLIDING_ATTENTION_MASK, *self.cache_names}
+        extra = sorted(set(inputs) - known)
         if missing or extra:
             raise CorruptExportError(
                 f"the decoder graph's inputs do not fit the manifest's {lm.num_layers} layers (missing "
