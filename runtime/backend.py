@@ -49,7 +49,8 @@ class DecoderCache(Protocol):
         ...
 
     def select(self, rows: Sequence[int]) -> DecoderCache:
-        """A cache of just these rows, in this order."""
+        """A cache of just these rows, in this order. Slots that are padding in every kept row may be dropped, so
+        a long-running batch does not keep the slots of sequences that left."""
         ...
 
     def concat(self, others: Sequence[DecoderCache]) -> DecoderCache:

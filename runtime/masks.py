@@ -82,9 +82,15 @@ class TokenLayout:
         self.valid = np.concatenate([self.valid, valid.astype(bool)], axis=1)
         self.positions = np.concatenate([self.positions, positions.astype(np.int64)], axis=1)
 
-    def select(self, rows: Sequence[int]) -> TokenLayout:
+    def select(self, rows: Sequence[int], start: int = 0) -> TokenLayout:
+        """These rows, from slot ``start`` on."""
         rows = list(rows)
-        return TokenLayout(self.mask_ar[rows], self.valid[rows], self.positions[rows])
+        return TokenLayout(self.mask_ar[rows, start:], self.valid[rows, start:], self.positions[rows, start:])
+
+    def leading_padding(self, rows: Sequence[int]) -> int:
+        """How many leading slots are padding in every one of ``rows``."""
+        used = self.valid[list(rows)].any(axis=0)
+        return int(used.argmax()) if used.any() else self.length
 
     def left_padded(self, length: int) -> TokenLayout:
         """The same rows preceded by invalid slots up to ``length``."""

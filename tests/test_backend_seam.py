@@ -110,3 +110,23 @@ def test_sequences_join_and_leave_a_running_batch(pair, images, backend):
     full = model.generate(images[0], "caption en", 20).token_ids
     assert stopped.finish_reason == "stop" and stopped.token_ids == full[: len(stopped.token_ids)]
     assert 0 < len(stopped.token_ids) < len(full) or len(full) <= 14
+
+
+def test_a_running_batch_drops_the_slots_of_sequences_that_left(exports, images):
+    """A server's batch never empties: when the longest sequence leaves, the padding it left behind goes too."""
+    model = PaliGemma.load(exports["pg1"].export_dir)
+    batch = model.new_batch()
+    long = model.new_sequence(images[0], "caption en", max_new_tokens=150, ignore_eos=True)
+    late = model.new_sequence(images[1], "ocr", max_new_tokens=60, ignore_eos=True)
+    batch.join([long])
+    for _ in range(100):
+        batch.step()
+    batch.join([late])  # left-padded by ~100 slots to the long one's length
+    assert batch.cache.length > len(late.prompt_ids) + 90
+    while not long.finished:
+        batch.step()
+    batch.step()  # the long one leaves
+    assert len(batch) == 1 and batch.cache.length == len(late.prompt_ids) + len(late.token_ids) - 1
+    while len(batch):
+        batch.step()
+    assert late.result().token_ids == model.generate(images[1], "ocr", 60, ignore_eos=True).token_ids

@@ -50,9 +50,16 @@ class KVBuffers:
             grown[:, :, : self.length] = buffer[:, :, : self.length]
             self.buffers[i] = grown
 
-    def select(self, rows: Sequence[int]) -> KVBuffers:
+    def select(self, rows: Sequence[int], start: int = 0) -> KVBuffers:
+        """These rows, from slot ``start`` on (earlier slots dropped, capacity rounded to the block again)."""
         rows = list(rows)
-        return KVBuffers([buffer[rows] for buffer in self.buffers], self.length, self.block)
+        if start == 0:
+            return KVBuffers([buffer[rows] for buffer in self.buffers], self.length, self.block)
+        _, kv_heads, _, head_dim = self.buffers[0].shape
+        kept = KVBuffers.empty(len(self.buffers), len(rows), kv_heads, head_dim, self.buffers[0].dtype)
+        kept.block = self.block
+        kept.append([buffer[rows, :, start : self.length] for buffer in self.buffers])
+        return kept
 
     @staticmethod
     def concat(parts: Sequence[KVBuffers]) -> KVBuffers:

@@ -109,7 +109,10 @@ class OnnxCache:
         return self.kv.length
 
     def select(self, rows: Sequence[int]) -> OnnxCache:
-        return OnnxCache(self.kv.select(rows), self.layout.select(rows))
+        """These rows; when padding in all of them spans a block or more of leading slots, those slots go."""
+        start = self.layout.leading_padding(rows)
+        start = start if start >= self.kv.block else 0  # a copy only when it frees at least a block
+        return OnnxCache(self.kv.select(rows, start), self.layout.select(rows, start))
 
     def concat(self, others: Sequence[OnnxCache]) -> OnnxCache:
         parts = [self, *others]
