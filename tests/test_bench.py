@@ -118,3 +118,15 @@ def test_random_checkpoint_streams_shards_with_real_ids(tmp_path):
 def test_unknown_preset(tmp_path):
     with pytest.raises(ValueError, match="Unknown preset"):
         make_full_size_checkpoint("paligemma-7b", tmp_path)
+
+
+def test_profile_ops_attributes_kernel_time(exports):
+    """The profiler script (a smoke test: structure and consistency, no timing assertions)."""
+    from paligemma_edge.benchmarks.profile_ops import profile, table
+
+    report = profile(exports["pg1"].export_dir, "caption en", new_tokens=4, threads=1)
+    for phase in ("prefill", "decode_step"):
+        rows = report[phase]
+        assert rows and sum(r["share"] for r in rows) == pytest.approx(1.0)
+        assert {"MatMul", "Gather"} & {r["op"] for r in rows}
+    assert "prefill:" in table(report) and isinstance(report["cpu_flags"], list)

@@ -27,6 +27,7 @@ class OnnxOptions:
     providers: list | None = None
     threads: int | None = None
     memory_arena: bool = True
+    profile_prefix: str | None = None  # onnxruntime's profiler on: it writes PREFIX_<date>.json per session
 
 
 def open_session(path: Path, options: OnnxOptions, prepack: bool = True) -> ort.InferenceSession:
@@ -34,6 +35,9 @@ def open_session(path: Path, options: OnnxOptions, prepack: bool = True) -> ort.
     session_options.enable_cpu_mem_arena = options.memory_arena
     if options.threads:
         session_options.intra_op_num_threads = options.threads
+    if options.profile_prefix:
+        session_options.enable_profiling = True
+        session_options.profile_file_prefix = options.profile_prefix
     if not prepack:
         # Prepacking would copy the tied [hidden, vocab] table next to the one the Gather reads.
         session_options.add_session_config_entry("session.disable_prepacking", "1")

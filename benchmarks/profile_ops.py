@@ -1,0 +1,93 @@
+"""Where a generation's time goes, per operator type, from onnxruntime's profiler.
+
+python -m paligemma_edge.benchmarks.profile_ops EXPORT_DIR [--prompt "caption en"] [--new-tokens 16] [--json]
+
+One warm-up generation, then one profiled: its first decoder run is the prefill, the rest are decode steps. Prints
+milliseconds and shares per op type for the prefill and for the mean decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from ..runtime.backends.onnx import OnnxOptions, load_onnx
+from ..runtime.export_format import load_manifest
+from ..runtime.images import demo_image_path
+from ..runtime.model import PaliGemma
+from .machine import cpu_flags, cpu_model
+
+
+def _runs(trace: list[dict]) -> list[dict[str, float]]:
+    """Per session run: {op type: microseconds}, in run order."""
+    runs = sorted((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    nodes = [e for e in trace if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    out = []
+    for run in runs:
+        totals: dict[str, float] = defaultdict(float)
+        for node in nodes:
+            if run["ts"] <= node["ts"] <= run["ts"] + run["dur"]:
+                totals[node["args"]["op_name"]] += node["dur"]
+        out.append(dict(totals))
+    return out
+
+
+def _shares(totals: dict[str, float], scale: float = 1.0) -> list[dict]:
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda item: -item[1])
+    return [{"op": op, "ms": us / 1e3 / scale, "share": us / whole} for op, us in ranked]
+
+
+def profile(export_dir: Path, prompt: str, new_tokens: int, threads: int | None) -> dict:
+    manifest = load_manifest(export_dir)
+    manifest.verify_files(checksums=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        vision, decoder = load_onnx(manifest, OnnxOptions(threads=threads, profile_prefix=str(Path(tmp) / "ort")))
+        tokenizer = Tokenizer.from_file(str(manifest.path(manifest.tokenizer)))
+        model = PaliGemma(manifest, tokenizer, vision, decoder)
+        for _ in range(2):  # warm-up, then the profiled one
+            model.generate(demo_image_path(), prompt, new_tokens, ignore_eos=True)
+        trace = json.loads(Path(decoder.session.end_profiling()).read_text())
+        vision.session.end_profiling()
+    runs = _runs(trace)[-new_tokens:]  # the profiled generation: 1 prefill + (new_tokens − 1) steps
+    steps: dict[str, float] = defaultdict(float)
+    for run in runs[1:]:
+        for op, us in run.items():
+            steps[op] += us
+    return {
+        "export": str(export_dir),
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "prefill": _shares(runs[0]),
+        "decode_step": _shares(steps, scale=max(len(runs) - 1, 1)),
+    }
+
+
+def table(report: dict, top: int = 8) -> str:
+    lines = [f"{report['export']} · {report['cpu']} ({' '.join(report['cpu_flags'])})"]
+    for phase in ("prefill", "decode_step"):
+        total = sum(row["ms"] for row in report[phase])
+        lines.append(f"{phase}: {total:.1f} ms in kernels")
+        lines += [f"  {row['op']:<24} {row['ms']:10.2f} ms {100 * row['share']:6.1f} %" for row in report[phase][:top]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("export_dir", type=Path, help="an export directory")
+    parser.add_argument("--prompt", default="caption en", help="the prompt")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated (EOS ignored)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args()
+    report = profile(args.export_dir, args.prompt, args.new_tokens, args.threads)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+
+
+if __name__ == "__main__":
+    main()
