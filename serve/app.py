@@ -246,11 +246,12 @@ class Server:
         model, _ = self.ready()
         try:
             prompt = tasks.TASKS[task].build(labels)
+        except PaliGemmaEdgeError as error:
+            raise ApiError(400, str(error), type(error).__name__, "labels") from error
+        try:
             features = await run_in_threadpool(model.encode_image, image)
         except PaliGemmaEdgeError as error:
-            raise ApiError(
-                400, str(error), type(error).__name__, "labels" if "label" in str(error) else "image"
-            ) from error
+            raise ApiError(400, str(error), type(error).__name__, "image") from error
         job = await self.submit(model.new_sequence, features, prompt, **options)
         result = await self.result(job, request)
         parsed = await run_in_threadpool(model.objects_from, result, features, iou_threshold=iou)
