@@ -111,10 +111,16 @@ def test_an_interrupted_export_leaves_the_previous_one_untouched(exports, tmp_pa
     shutil.copytree(exports["pg1"].export_dir, target)
     before = tree_digest(target)
     command = [sys.executable, "-m", "paligemma_edge.cli", "export", str(exports["pg2"].checkpoint), str(target)]
-    process = subprocess.Popen([*command, "--overwrite"], stderr=subprocess.PIPE, text=True)
-    time.sleep(4)  # inside the export by now (torch import, checkpoint load, tracing)
+    process = subprocess.Popen([*command, "--overwrite"], stderr=subprocess.PIPE)
+    seen = b""
+    while b"export vision" not in seen:  # the torch stage is under way: the partial directory exists
+        chunk = process.stderr.read1(4096)
+        assert chunk, f"the export ended before it could be interrupted: {seen.decode(errors='replace')}"
+        seen += chunk
+    partial = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stderr = (seen + process.communicate(timeout=120)[1]).decode(errors="replace")
+    assert partial, "the export was interrupted before it wrote anything"
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
     assert "Traceback" not in stderr
     assert tree_digest(target) == before and leftovers(tmp_path) == []
