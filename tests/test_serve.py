@@ -267,7 +267,7 @@ def test_queue_full_is_503_with_retry_after(exports):
 
 def test_timeout_is_504(exports):
     image = data_uri(Image.new("RGB", (32, 32)))
-    with LiveServer(exports["pg1"].export_dir, request_timeout=0.3) as server:
+    with LiveServer(exports["pg1"].export_dir, step_delay=0.005, request_timeout=0.3) as server:
         response = server.post(
             "/v1/chat/completions", chat_body(image, "caption en", max_tokens=5000, ignore_eos=True), key=None
         )
