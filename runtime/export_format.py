@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .checks import is_int, is_number
 from .errors import ChecksumMismatchError, CorruptExportError, ExportNotFoundError, OutputPathError
 
 FORMAT_NAME = "paligemma-edge"
@@ -347,17 +348,13 @@ def _build(cls: type, values: Any) -> Any:
     return instance
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 _TYPE_CHECKS = {
-    "int": _is_int,
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "int": is_int,
+    "float": is_number,
     "str": lambda v: isinstance(v, str),
     "bool": lambda v: isinstance(v, bool),
     "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(_is_int(x) for x in v),
+    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(is_int(x) for x in v),
     "dict[str, Any]": lambda v: isinstance(v, dict),
 }
 
@@ -391,7 +388,7 @@ def _plain(data: dict, cls: type, where: str) -> dict:
         if required not in out:
             raise CorruptExportError(f"{where} lacks the required key {required!r}; re-run the export.")
     for name in ("image_size", "num_image_tokens"):
-        if not _is_int(out[name]) or out[name] < 1:
+        if not is_int(out[name]) or out[name] < 1:
             raise CorruptExportError(f"{where}: {name!r} must be a positive integer; re-run the export.")
     return out
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import sampling
 from .backend import Decoder, DecoderCache, DecoderChunk
+from .checks import is_int, is_number
 from .errors import GenerationError
 from .export_format import IMAGE_SLOT, TokenIds
 from .masks import positions_from_valid
@@ -52,17 +53,17 @@ class GenerationConfig:
     def validated(self, default_max_new_tokens: int) -> GenerationConfig:
         """This config with max_new_tokens filled in; a GenerationError names the first bad option."""
         config = self if self.max_new_tokens is not None else replace(self, max_new_tokens=default_max_new_tokens)
-        if not _is_int(config.max_new_tokens) or config.max_new_tokens < 1:
+        if not is_int(config.max_new_tokens) or config.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an integer >= 1, got {config.max_new_tokens!r}.")
-        if not _is_number(config.temperature) or config.temperature < 0:
+        if not is_number(config.temperature) or config.temperature < 0:
             raise GenerationError(f"temperature must be a number >= 0, got {config.temperature!r}.")
-        if config.top_k is not None and (not _is_int(config.top_k) or config.top_k < 1):
+        if config.top_k is not None and (not is_int(config.top_k) or config.top_k < 1):
             raise GenerationError(f"top_k must be an integer >= 1, got {config.top_k!r}.")
-        if config.top_p is not None and (not _is_number(config.top_p) or not 0 < config.top_p <= 1):
+        if config.top_p is not None and (not is_number(config.top_p) or not 0 < config.top_p <= 1):
             raise GenerationError(f"top_p must be in (0, 1], got {config.top_p!r}.")
-        if config.seed is not None and not _is_int(config.seed):
+        if config.seed is not None and not is_int(config.seed):
             raise GenerationError(f"seed must be an integer, got {config.seed!r}.")
-        if not _is_number(config.repetition_penalty) or config.repetition_penalty <= 0:
+        if not is_number(config.repetition_penalty) or config.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be a number > 0, got {config.repetition_penalty!r}.")
         if not all(isinstance(s, str) and s for s in config.stop):
             raise GenerationError(f"stop must be non-empty strings, got {config.stop!r}.")
@@ -71,16 +72,6 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 and self.repetition_penalty == 1.0
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return (
-        isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool) and np.isfinite(value)
-    )
 
 
 @dataclass

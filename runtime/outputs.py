@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from . import spec
+from .checks import is_number
 from .errors import GenerationError
 
 _TOKEN = re.compile(r"<loc(\d{4})>|<seg(\d{3})>|;")
@@ -147,7 +148,7 @@ def parse_output(
     Model output never raises; bad arguments (a size or divisor that is not a positive finite number) do.
     """
     for name, value in (("width", width), ("height", height), ("divisor", divisor)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if not is_number(value) or value <= 0:
             raise GenerationError(f"{name} must be a positive number, got {value!r}.")
     result = ParsedOutput()
     if not isinstance(text, str):

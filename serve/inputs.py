@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
+
+from ..runtime.checks import is_number
 
 
 class ApiError(Exception):
@@ -123,13 +124,11 @@ def _number(body: dict, name: str, kind: type, low: float | None = None) -> Any:
     value = body.get(name)
     if value is None:
         return None
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind is int:
-        valid = valid and float(value).is_integer()
+    valid = is_number(value) and (kind is not int or float(value).is_integer())
     if not valid or (low is not None and value < low):
         raise ApiError(
             400,
-            f"{name} must be a {'an integer' if kind is int else 'number'}"
+            f"{name} must be {'an integer' if kind is int else 'a number'}"
             f"{'' if low is None else f' >= {low}'}, got {value!r}",
             "invalid_value",
             name,
