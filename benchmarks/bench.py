@@ -18,7 +18,7 @@ from statistics import median
 import onnx
 from tqdm.auto import tqdm
 
-from ..runtime.export_format import EMBED_ROWS_PREFIX, Manifest, load_manifest
+from ..runtime.export_format import EMBED_ROWS_PREFIX, LLAMACPP_BACKEND, Manifest, load_manifest
 from .machine import machine_info, roofline
 from .worker import STAGES
 
@@ -35,6 +35,26 @@ def _weight_bytes(graph_path: Path) -> int:
         external = {entry.key: entry.value for entry in init.external_data}
         total += int(external["length"]) if "length" in external else len(init.raw_data)
     return total
+
+
+def _gguf_weight_bytes(path: Path) -> int:
+    """Bytes of a GGUF decoder's tensors (its one table is the lookup and the LM head: read every step)."""
+    import gguf
+
+    return sum(int(tensor.n_bytes) for tensor in gguf.GGUFReader(path).tensors)
+
+
+def decoder_weight_bytes(manifest: Manifest) -> int:
+    path = manifest.path(manifest.graph("decoder").file)
+    return _gguf_weight_bytes(path) if manifest.decoder_backend == LLAMACPP_BACKEND else _weight_bytes(path)
+
+
+def kv_bytes_per_value(manifest: Manifest) -> int:
+    """onnxruntime keeps the cache in fp32; llama.cpp in f32 for full-precision GGUF exports, else f16
+    (LlamaCppOptions' defaults)."""
+    if manifest.decoder_backend == LLAMACPP_BACKEND and manifest.is_quantized:
+        return 2
+    return KV_BYTES_PER_VALUE
 
 
 def model_costs(manifest: Manifest) -> dict:
@@ -92,9 +112,9 @@ def describe_export(export_dir: Path, result: dict, new_tokens: int, machine: di
     """Add what the export is, its size and its roofline to a worker's measurements."""
     manifest = load_manifest(export_dir)
     costs = model_costs(manifest)
-    weights = _weight_bytes(manifest.path(manifest.graph("decoder").file))
+    weights = decoder_weight_bytes(manifest)
     mean_context = result["context_tokens"] - new_tokens / 2
-    kv_bytes = costs["kv_values_per_token"] * mean_context * KV_BYTES_PER_VALUE
+    kv_bytes = costs["kv_values_per_token"] * mean_context * kv_bytes_per_value(manifest)
     decode_limit = machine["bandwidth_gbs"] * 1e9 / (weights + kv_bytes)
     prompt_tokens = result["context_tokens"] - new_tokens
     gflops = machine["matmul_gflops"] * 1e9
@@ -130,16 +150,17 @@ def run_bench(
     baseline_hf: Path | None = None,
     hf_dtypes: tuple[str, ...] = ("fp32", "bf16"),
     rounds: int = 1,
+    gpu_layers: int = 0,
 ) -> dict:
     machine = {**machine_info(threads), **roofline(threads)}
     common = [image, prompt, new_tokens, repeat, threads or 0]
-    jobs = [["export", Path(d), *common] for d in dirs]
+    jobs = [["export", Path(d), *common, gpu_layers] for d in dirs]
     jobs += [["hf", baseline_hf, *common, dtype] for dtype in hf_dtypes] if baseline_hf else []
     measured: list[list[dict]] = [[] for _ in jobs]
     with tqdm(total=rounds * len(jobs), desc="bench", unit="target") as bar:
         for _ in range(rounds):
             for job, runs in zip(jobs, measured):
-                bar.set_postfix_str(f"{Path(job[1]).name} {job[-1] if job[0] == 'hf' else ''}".strip())
+                bar.set_postfix_str(Path(job[1]).name + (f" {job[-1]}" if job[0] == "hf" else ""))
                 runs.append(_run_worker(job))
                 bar.update()
     results = [

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from ..runtime.backends.onnx import OnnxOptions, load_onnx
+from ..runtime.backends.onnx import load_onnx
+from ..runtime.backends.options import OnnxOptions
 from ..runtime.export_format import load_manifest
 from ..runtime.images import demo_image_path
 from ..runtime.model import PaliGemma

@@ -44,6 +44,7 @@ class ExportSettings:
     verify_steps: int = 16
     seg_decoder: Path | None = None  # big_vision's vae-oid.npz → mask_decoder.onnx
     isolate: bool | None = None  # torch stage in a child process; None: when the checkpoint is > ISOLATE_BYTES
+    backend: str = fmt.ONNX_BACKEND  # or fmt.LLAMACPP_BACKEND: the decoder as GGUF (vision stays ONNX)
 
 
 def _token_ids(tokenizer_path: Path, model) -> TokenIds:
@@ -81,7 +82,7 @@ def _write_tokenizer(checkpoint: Path, processor, out: Path) -> Path:
     return path
 
 
-def _versions() -> dict:
+def _versions(backend: str) -> dict:
     import onnx
     import onnxruntime
     import torch
@@ -89,13 +90,24 @@ def _versions() -> dict:
 
     from .. import __version__
 
-    return {
+    versions = {
         "paligemma_edge": __version__,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
+    if backend == fmt.LLAMACPP_BACKEND:
+        import gguf
+
+        versions["gguf"] = gguf.__version__ if hasattr(gguf, "__version__") else _dist_version("gguf")
+    return versions
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
 
 
 def _release_weights(model) -> None:
@@ -127,16 +139,28 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
         bar.set_postfix_str(steps[1])
         vision = export_vision(hf_model, image_size, out / fmt.VISION_FILE)
         bar.update()
+        bar.set_postfix_str(steps[3])
+        tokenizer_path = _write_tokenizer(checkpoint, processor, out)
+        token_ids = _token_ids(tokenizer_path, hf_model)
         bar.set_postfix_str(steps[2])
-        decoder = export_decoder(hf_model, out / fmt.DECODER_FILE)
+        if settings.backend == fmt.LLAMACPP_BACKEND:
+            from .gguf_decoder import write_gguf_decoder
+
+            decoder_file = fmt.GGUF_DECODER_FILE
+            decoder = write_gguf_decoder(hf_model, tokenizer_path, token_ids, out / decoder_file, settings.dtype)
+            decoder_entry = GraphEntry(decoder_file, settings.dtype, [], [])
+        else:
+            decoder_file = fmt.DECODER_FILE
+            decoder = export_decoder(hf_model, out / decoder_file)
+            decoder_entry = GraphEntry(decoder_file, settings.dtype, decoder["inputs"], decoder["outputs"])
         bar.update()
 
         bar.set_postfix_str(steps[3])
-        tokenizer_path = _write_tokenizer(checkpoint, processor, out)
         layer_types = list(
             getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
         )
-        files = [*fmt.graph_files(fmt.VISION_FILE), *fmt.graph_files(fmt.DECODER_FILE), fmt.TOKENIZER_FILE]
+        files = [*fmt.graph_files(fmt.VISION_FILE), *fmt.graph_files(decoder_file), fmt.TOKENIZER_FILE]
+        files = [name for name in files if (out / name).is_file()]
         manifest = Manifest(
             model_type="paligemma2" if text_config.model_type == "gemma2" else "paligemma",
             source=str(model),
@@ -153,7 +177,9 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
                 head_dim=text_config.head_dim,
                 vocab_size=text_config.vocab_size,
                 layer_types=layer_types,
-                sliding_window=getattr(text_config, "sliding_window", None) if decoder["sliding"] else None,
+                sliding_window=getattr(text_config, "sliding_window", None)
+                if "sliding_attention" in layer_types
+                else None,
                 attn_logit_softcapping=getattr(text_config, "attn_logit_softcapping", None),
                 final_logit_softcapping=getattr(text_config, "final_logit_softcapping", None),
                 max_positions=getattr(text_config, "max_position_embeddings", None),
@@ -165,15 +191,16 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
                 num_heads=vision_config.num_attention_heads,
                 patch_size=vision_config.patch_size,
             ),
-            tokens=_token_ids(tokenizer_path, hf_model),
+            tokens=token_ids,
+            decoder_backend=settings.backend,
             graphs={
                 "vision": GraphEntry(fmt.VISION_FILE, settings.dtype, vision["inputs"], vision["outputs"]),
-                "decoder": GraphEntry(fmt.DECODER_FILE, settings.dtype, decoder["inputs"], decoder["outputs"]),
+                "decoder": decoder_entry,
             },
             sliding_window_rule=(
                 "transformers: sliding layers see keys < window positions back; prefix pairs always see each other"
             ),
-            versions={**_versions(), "opset": opset_for(hf_model.dtype)},
+            versions={**_versions(settings.backend), "opset": opset_for(hf_model.dtype)},
             files=checksum_files(out, files),
         )
         manifest.write(out)

@@ -22,6 +22,7 @@ _EXTRA_OF = {
     **dict.fromkeys(["onnx", "onnx_ir"], "quant"),
     **dict.fromkeys(["psutil", "matplotlib"], "bench"),
     **dict.fromkeys(["starlette", "uvicorn", "prometheus_client"], "serve"),
+    **dict.fromkeys(["llama_cpp", "gguf"], "llamacpp"),
 }
 
 
@@ -42,7 +43,9 @@ def _recipe(args: argparse.Namespace):
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export.exporter import ExportSettings, export_model
 
-    settings = ExportSettings(dtype=args.dtype, verify=not args.no_verify, seg_decoder=args.seg_decoder)
+    settings = ExportSettings(
+        dtype=args.dtype, verify=not args.no_verify, seg_decoder=args.seg_decoder, backend=args.backend
+    )
     overrides = [args.vision, args.decoder, args.lm_head, args.embeddings, args.block_size, args.accuracy_level]
     if not args.recipe and (any(o is not None for o in overrides) or args.asymmetric):
         raise PaliGemmaEdgeError("quantization options need a recipe: add --quant int8|int4|fp16.")
@@ -80,7 +83,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.draw:
         check_output_file(args.draw)  # before the model runs, not after
     start = time.perf_counter()
-    model = PaliGemma.load(args.export_dir, threads=args.threads, verify_checksums=not args.no_verify_checksums)
+    model = PaliGemma.load(
+        args.export_dir,
+        threads=args.threads,
+        verify_checksums=not args.no_verify_checksums,
+        gpu_layers=args.gpu_layers,
+    )
     load_s = time.perf_counter() - start
     features = model.encode_image(args.image)
     result = model.generate(features, args.prompt, **_generation_options(args))
@@ -172,13 +180,21 @@ def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None
         BLOCK_SIZES,
         DECODER_PRECISIONS,
         EMBEDDING_PRECISIONS,
+        GGUF_RECIPES,
         LM_HEAD_PRECISIONS,
         RECIPES,
         VISION_PRECISIONS,
     )
 
     flag = "--recipe" if required else "--quant"
-    parser.add_argument(flag, dest="recipe", choices=list(RECIPES), required=required, help="quantization recipe")
+    parser.add_argument(
+        flag,
+        dest="recipe",
+        choices=[*RECIPES, *GGUF_RECIPES],
+        required=required,
+        help=f"quantization recipe: {', '.join(RECIPES)} (ONNX exports) or {', '.join(GGUF_RECIPES)} (GGUF exports, "
+        "llama.cpp's quantizer)",
+    )
     parser.add_argument("--vision", choices=VISION_PRECISIONS, default=None, help="override the vision precision")
     parser.add_argument("--decoder", choices=DECODER_PRECISIONS, default=None, help="override the decoder body")
     parser.add_argument("--lm-head", choices=LM_HEAD_PRECISIONS, default=None, help="override the LM head")
@@ -224,6 +240,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.baseline_hf,
         tuple(args.hf_dtypes.split(",")) if args.hf_dtypes else (),
         args.rounds,
+        args.gpu_layers,
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -255,7 +272,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
 
     def load() -> PaliGemma:
-        return PaliGemma.load(args.export_dir, providers=args.provider, threads=args.threads)
+        return PaliGemma.load(
+            args.export_dir,
+            providers=args.provider,
+            threads=args.threads,
+            gpu_layers=args.gpu_layers,
+            max_sequences=args.max_batch,  # llama.cpp: one sequence per batch row
+        )
 
     uvicorn.run(create_app(load, settings), host=args.host, port=args.port, log_level="info")
     return 0
@@ -290,7 +313,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .runtime.export_format import load_manifest
 
     manifest = load_manifest(args.export_dir)
-    print(json.dumps(manifest.to_dict(), indent=2) if args.json else manifest.summary())
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=2))
+        return 0
+    print(manifest.summary())
+    if manifest.decoder_backend == "llamacpp":
+        try:
+            from .runtime.backends.llamacpp import build_info
+        except ModuleNotFoundError:
+            print("llama.cpp: not installed here (pip install 'paligemma-edge[llamacpp]')")
+        else:
+            print(f"llama.cpp build: {build_info()}")
     return 0
 
 
@@ -335,10 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     threads_help = "onnxruntime threads (default: all cores)"
     overwrite_help = "replace OUT_DIR if it exists and is not empty (the new one is complete before the old goes)"
 
-    export = sub.add_parser("export", help="export a Hugging Face PaliGemma checkpoint to ONNX")
+    export = sub.add_parser("export", help="export a Hugging Face PaliGemma checkpoint to ONNX (or GGUF)")
     export.add_argument("model", help="local checkpoint directory or hub id (e.g. google/paligemma-3b-mix-224)")
     export.add_argument("out_dir", type=Path, help="the export directory to write")
     export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision of the torch export")
+    export.add_argument(
+        "--backend",
+        choices=["onnxruntime", "llamacpp"],
+        default="onnxruntime",
+        help="decoder format: ONNX (onnxruntime) or GGUF (llama.cpp, needs the [llamacpp] extra); vision stays ONNX",
+    )
     export.add_argument("--no-verify", action="store_true", help="skip the check against transformers")
     export.add_argument("--seg-decoder", type=Path, default=None, help="big_vision vae-oid.npz → mask_decoder.onnx")
     export.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -376,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", required=True, help='e.g. "caption en", "detect cat ; dog"')
     _add_generation_options(run)
     run.add_argument("--threads", type=int, default=None, help=threads_help)
+    run.add_argument(
+        "--gpu-layers", type=int, default=0, help="GGUF exports: layers llama.cpp offloads to its GPU device (-1: all)"
+    )
     run.add_argument("--no-verify-checksums", action="store_true", help="skip sha256 of the export's files")
     run.add_argument(
         "--divisor",
@@ -416,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt", default="caption en", help="the prompt of every run")
     bench.add_argument("--image", type=Path, default=None, help="default: the bundled demo image")
     bench.add_argument("--threads", type=int, default=None, help=threads_help)
+    bench.add_argument(
+        "--gpu-layers", type=int, default=0, help="GGUF exports: layers llama.cpp offloads to its GPU device (-1: all)"
+    )
     bench.add_argument("--baseline-hf", type=Path, default=None, help="the HF checkpoint the exports came from")
     bench.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers baselines to run (comma-separated)")
     bench.add_argument("--json", type=Path, default=None, help="write the full report here")
@@ -443,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--provider", action="append", default=None, help="onnxruntime execution provider (default: CPU)"
     )
     serve.add_argument("--threads", type=int, default=None, help=threads_help)
+    serve.add_argument(
+        "--gpu-layers", type=int, default=0, help="GGUF exports: layers llama.cpp offloads to its GPU device (-1: all)"
+    )
     serve.set_defaults(func=_cmd_serve)
 
     evaluation = sub.add_parser("eval", help="task quality of an export on a JSONL data set")

@@ -25,7 +25,8 @@ from ..runtime import export_format as fmt
 from ..runtime.errors import QuantizationError
 from ..runtime.export_format import checksum_files, load_manifest
 from ..runtime.output_dirs import atomic_output_dir
-from .recipes import Recipe
+from .gguf_quant import quantize_gguf_export
+from .recipes import GGUF_RECIPES, RECIPES, GgufRecipe, Recipe
 
 ROWS_INT8, ROWS_SCALE = f"{fmt.EMBED_ROWS_PREFIX}int8", f"{fmt.EMBED_ROWS_PREFIX}scale"
 
@@ -275,10 +276,25 @@ def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe, ove
     if manifest.is_quantized or any(graph.dtype != "fp32" for graph in manifest.graphs.values()):
         raise QuantizationError(f"{in_dir} is already quantized or not fp32; quantize the fp32 export instead.")
     manifest.verify_files(checksums=True)  # a corrupt source must not get fresh checksums
+    gguf = manifest.decoder_backend == fmt.LLAMACPP_BACKEND
+    if gguf != isinstance(recipe, GgufRecipe):
+        kinds = ", ".join(GGUF_RECIPES) if gguf else ", ".join(RECIPES)
+        raise QuantizationError(
+            f"{in_dir} is {'a GGUF (llama.cpp)' if gguf else 'an ONNX'} export: its recipes are {kinds}, "
+            f"not {recipe.name!r}."
+        )
     with atomic_output_dir(out_dir, overwrite, sources=[in_dir]) as out:
-        _quantize_into(manifest, out, recipe)
+        if gguf:
+            quantize_gguf_export(manifest, out, recipe, _quantize_vision_file)
+        else:
+            _quantize_into(manifest, out, recipe)
     manifest.directory = Path(out_dir)
     return manifest
+
+
+def _quantize_vision_file(source: Path, target: Path, precision: str) -> None:
+    _save(quantize_vision(load_lazily(source), Recipe("vision", vision=precision)), target)
+    _return_freed_memory()
 
 
 def _quantize_into(manifest: fmt.Manifest, out: Path, recipe: Recipe) -> None:

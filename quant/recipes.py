@@ -71,7 +71,50 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def get_recipe(name: str) -> Recipe:
+@dataclass(frozen=True)
+class GgufRecipe:
+    """A GGUF export's recipe: llama.cpp's own quantizer picks each decoder tensor's type from its file type
+    (``name``); the ONNX vision graph takes ``vision``."""
+
+    name: str  # a llama.cpp file type: q8_0, q4_0, q4_k_m, f16
+    vision: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.name not in GGUF_FILE_TYPES:
+            raise QuantizationError(f"GGUF recipes are {', '.join(GGUF_FILE_TYPES)}, not {self.name!r}")
+        if self.vision not in VISION_PRECISIONS:
+            raise QuantizationError(f"vision precision must be one of {VISION_PRECISIONS}, got {self.vision!r}")
+
+    def with_overrides(self, **overrides) -> GgufRecipe:
+        given = {key: value for key, value in overrides.items() if value is not None}
+        other = sorted(set(given) - {"vision"})
+        if other:
+            raise QuantizationError(
+                f"GGUF recipes take only --vision; llama.cpp's quantizer chooses the rest (got {', '.join(other)})"
+            )
+        return replace(self, name=self.name, **given) if given else self
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decoder": f"llama.cpp {self.name}"}
+
+
+# llama.cpp's file types (gguf.LlamaFileType member names), by recipe name
+GGUF_FILE_TYPES = {"q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_k_m": "MOSTLY_Q4_K_M", "f16": "MOSTLY_F16"}
+GGUF_RECIPES: dict[str, GgufRecipe] = {
+    "q8_0": GgufRecipe("q8_0"),
+    "q4_0": GgufRecipe("q4_0"),
+    "q4_k_m": GgufRecipe("q4_k_m"),
+    "f16": GgufRecipe("f16", vision="fp16"),
+}
+
+
+def get_recipe(name: str) -> Recipe | GgufRecipe:
+    """An ONNX recipe (int8, int4, fp16) or a GGUF one (q8_0, q4_0, q4_k_m, f16)."""
+    if name in GGUF_RECIPES:
+        return GGUF_RECIPES[name]
     if name not in RECIPES:
-        raise QuantizationError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
+        raise QuantizationError(
+            f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)} (ONNX exports) or "
+            f"{', '.join(GGUF_RECIPES)} (GGUF exports)."
+        )
     return RECIPES[name]

@@ -49,3 +49,8 @@ class QuantizationError(PaliGemmaEdgeError, ValueError):
 
 class OutputPathError(PaliGemmaEdgeError, ValueError):
     """An output path cannot be used: a file, a source, non-empty without --overwrite, or not writable."""
+
+
+class BackendBuildError(PaliGemmaEdgeError, RuntimeError):
+    """An installed backend library cannot run on this machine (e.g. a llama.cpp build with AMX on a VM that
+    does not allow it)."""

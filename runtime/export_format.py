@@ -29,11 +29,13 @@ OLDEST_READABLE_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 VISION_FILE = "vision.onnx"
 DECODER_FILE = "decoder.onnx"
+GGUF_DECODER_FILE = "decoder.gguf"  # the llama.cpp backend's decoder
 TOKENIZER_FILE = "tokenizer.json"
 MASK_DECODER_FILE = "mask_decoder.onnx"
 EXTERNAL_DATA_SUFFIX = ".data"
 
 ONNX_BACKEND = "onnxruntime"
+LLAMACPP_BACKEND = "llamacpp"
 
 # vision graph: pixel_values [B, 3, R, R] float32 → image_features [B, N, hidden]
 PIXEL_VALUES = "pixel_values"
@@ -278,11 +280,14 @@ class Manifest:
         ]
         if self.quantization:
             recipe = self.quantization["recipe"]
-            lines.append(
-                f"quantization: {recipe['name']} (vision {recipe['vision']}, decoder {recipe['decoder']}, "
-                f"LM head {recipe['lm_head']}, embeddings {recipe['embeddings']}, block {recipe['block_size']}, "
-                f"{'symmetric' if recipe['symmetric'] else 'asymmetric'})"
-            )
+            if "block_size" not in recipe:  # a GGUF recipe: llama.cpp chose each tensor's type
+                lines.append(f"quantization: {recipe['name']} (vision {recipe['vision']}, decoder {recipe['decoder']})")
+            else:
+                lines.append(
+                    f"quantization: {recipe['name']} (vision {recipe['vision']}, decoder {recipe['decoder']}, "
+                    f"LM head {recipe['lm_head']}, embeddings {recipe['embeddings']}, block {recipe['block_size']}, "
+                    f"{'symmetric' if recipe['symmetric'] else 'asymmetric'})"
+                )
         for reference, quality in self.quality.items():
             lines.append(
                 f"quality vs {reference}: top-1 {quality['top1_agreement']:.4f}, KL {quality['mean_kl']:.2e}, "

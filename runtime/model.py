@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from . import spec, tasks
 from .backend import Decoder, VisionEncoder
 from .backends import load_backend
-from .backends.onnx import OnnxOptions
+from .backends.options import BackendOptions, LlamaCppOptions, OnnxOptions
 from .errors import CorruptExportError, GenerationError, ImageError, PromptError
 from .export_format import Manifest, load_manifest
 from .generation import (
@@ -72,6 +72,11 @@ class PaliGemma:
         threads: int | None = None,
         verify_checksums: bool | str = True,
         memory_arena: bool = True,
+        gpu_layers: int = 0,
+        max_sequences: int = 4,
+        context_tokens: int | None = None,
+        cache_type: str | None = None,
+        flash_attention: bool | None = None,
     ) -> PaliGemma:
         """Open an export directory made by `paligemma-edge export` (or `quantize`).
 
@@ -80,10 +85,25 @@ class PaliGemma:
 
         ``memory_arena=False`` returns onnxruntime's activation memory to the OS after each call: at 896 px
         the prefill's peak RSS drops (int4: 8.0 → 6.3 GB) for ~15 % slower prefill and decode steps.
+
+        GGUF exports (llama.cpp): ``gpu_layers`` layers go to a GPU build's device (-1: all);
+        ``max_sequences`` sequences can decode together, each with ``context_tokens`` KV cells; ``cache_type``
+        ("f32"/"f16") and ``flash_attention`` default to exact (f32, off) for full-precision exports and to
+        f16 + flash attention for quantized ones (see `LlamaCppOptions`).
         """
         manifest = load_manifest(path)
         manifest.verify_files(checksums=verify_checksums)
-        options = OnnxOptions(providers=providers, threads=threads, memory_arena=memory_arena)
+        options = BackendOptions(
+            onnx=OnnxOptions(providers=providers, threads=threads, memory_arena=memory_arena),
+            llamacpp=LlamaCppOptions(
+                gpu_layers=gpu_layers,
+                threads=threads,
+                max_sequences=max_sequences,
+                context_tokens=context_tokens,
+                cache_type=cache_type,
+                flash_attention=flash_attention,
+            ),
+        )
         vision, decoder = load_backend(manifest, options)
         try:
             tokenizer = Tokenizer.from_file(str(manifest.path(manifest.tokenizer)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,9 @@ from ..errors import CorruptExportError, ImageError
 from ..export_format import Manifest
 from ..masks import TokenLayout, make_attn_mask, place_in_buffer, restrict_to_window
 from .kv_buffers import KVBuffers
+from .options import OnnxOptions
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-@dataclass(frozen=True)
-class OnnxOptions:
-    """How sessions are created. ``memory_arena=False`` returns onnxruntime's activation memory to the OS
-    after each call: lower peak RSS at 896 px for ~15 % slower prefill and decode steps."""
-
-    providers: list | None = None
-    threads: int | None = None
-    memory_arena: bool = True
-    profile_prefix: str | None = None  # onnxruntime's profiler on: it writes PREFIX_<date>.json per session
 
 
 def open_session(path: Path, options: OnnxOptions, prepack: bool = True) -> ort.InferenceSession:

@@ -1,0 +1,273 @@
+"""The llama.cpp backend: GGUF decoders against transformers, through the same generation loop as ONNX."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+
+from paligemma_edge import PaliGemma
+from paligemma_edge.export.exporter import ExportSettings, export_model
+from paligemma_edge.quant.compare import compare_exports, default_images
+from paligemma_edge.quant.quantize import quantize_export
+from paligemma_edge.quant.recipes import get_recipe
+from paligemma_edge.runtime.backends.llamacpp import build_info
+from paligemma_edge.runtime.errors import GenerationError, QuantizationError
+
+from .conftest import PROMPTS, SCRIPT, VARIANTS, hf_generate, load_hf, run_cli
+from .test_backend_seam import _interleaved
+
+STEPS = 24
+
+
+@pytest.fixture(scope="session")
+def gguf_exports(exports, tmp_path_factory) -> dict[str, Path]:
+    """The same tiny checkpoints as the ONNX parity tests, exported with --backend llamacpp (f32)."""
+    root = tmp_path_factory.mktemp("gguf")
+    return {
+        name: export_model(exports[name].checkpoint, root / name, ExportSettings(backend="llamacpp")).directory
+        for name in VARIANTS
+    }
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, exports, gguf_exports):
+    name = request.param
+    model, processor = load_hf(exports[name].checkpoint)
+    return name, PaliGemma.load(gguf_exports[name]), model, processor
+
+
+@pytest.fixture(scope="module")
+def q8(gguf_exports, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("q8")
+    recipe = get_recipe("q8_0").with_overrides(vision="fp32")
+    return {name: quantize_export(gguf_exports[name], root / name, recipe).directory for name in ("pg1", "pg2")}
+
+
+def test_gguf_export_verified_itself(gguf_exports):
+    for name, directory in gguf_exports.items():
+        manifest = json.loads((directory / "manifest.json").read_text())
+        assert manifest["decoder_backend"] == "llamacpp" and manifest["graphs"]["decoder"]["file"] == "decoder.gguf"
+        verification = manifest["verification"]
+        assert verification["passed"] and verification["tokens_agree"] and len(verification["hf_tokens"]) == 16, name
+        assert not (directory / "decoder.onnx").exists()
+
+
+def test_greedy_tokens_equal_transformers_single_and_batched(variant, images):
+    name, runtime, model, processor = variant
+    varied = set()
+    for image in images[:2]:
+        for prompt in PROMPTS:
+            expected = hf_generate(model, processor, [image], [prompt], STEPS)[0]
+            got = runtime.generate(image, prompt, max_new_tokens=STEPS)
+            assert got.token_ids == expected, (name, prompt)
+            assert got.text == processor.decode(expected, skip_special_tokens=True)
+            varied.update(expected)
+    assert len(varied) > 20, "the random model must not emit one token forever"
+    batch_images, batch_prompts = images[:3], ["caption en", "detect house ; car ; sun", "ocr"]
+    expected = hf_generate(model, processor, batch_images, batch_prompts, STEPS)
+    batched = runtime.generate(batch_images, batch_prompts, max_new_tokens=STEPS)
+    singles = [runtime.generate(i, p, max_new_tokens=STEPS) for i, p in zip(batch_images, batch_prompts)]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in singles], name  # exactly
+    for image, prompt, got, want in zip(batch_images, batch_prompts, batched, expected):
+        _assert_equal_up_to_a_tie(runtime, image, prompt, got.token_ids, want)
+
+
+def _assert_equal_up_to_a_tie(runtime, image, prompt: str, got: list[int], expected: list[int]) -> None:
+    """Equal tokens, or a first difference where transformers' choice scores within the logit tolerance of ours
+    (llama.cpp's fp16-table GELU moves logits by ~1e-2: a near tie of the random model may flip)."""
+    if got == expected:
+        return
+    first = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+    logits = runtime.score(image, prompt, got[:first])[first]
+    gap = float(logits[got[first]] - logits[expected[first]])
+    assert 0 <= gap <= 2e-3 * float(np.abs(logits).max()), (prompt, first, gap)
+
+
+def test_teacher_forced_logits_match_transformers(variant, images):
+    import torch
+
+    name, runtime, model, processor = variant
+    continuation = runtime.generate(images[0], "caption en", max_new_tokens=12).token_ids
+    inputs = processor(
+        images=images[0], text="<image>caption en", suffix=processor.decode(continuation), return_tensors="pt"
+    )
+    ids = inputs["input_ids"][0].tolist()
+    prefix_len = int((inputs["token_type_ids"][0] == 0).sum())
+    suffix = ids[prefix_len:]  # the continuation + eos
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[0].float().numpy()
+    expected = logits[prefix_len - 1 : prefix_len - 1 + len(suffix)]
+    got = runtime.score(images[0], "caption en", suffix[:-1])
+    assert got.shape == expected.shape
+    # llama.cpp's CPU GELU reads an fp16 table: logits agree to ~1e-2, not to onnxruntime's ~1e-5
+    np.testing.assert_allclose(got, expected, atol=2e-3 * float(np.abs(expected).max()), rtol=0)
+    assert (got.argmax(-1) == expected.argmax(-1)).all(), name
+
+
+def test_a_window_shorter_than_the_prefix_needs_the_widened_prefix(gguf_exports, images, exports):
+    """pg2's window (24) is far shorter than its prefix (~260): llama.cpp's own non-causal window would hide
+    prefix pairs from each other. Without the widened prefix pass the tokens differ (the test discriminates)."""
+    assert VARIANTS["pg2"].sliding_window < 256
+    model, processor = load_hf(exports["pg2"].checkpoint)
+    expected = hf_generate(model, processor, [images[1]], ["caption en"], STEPS)[0]
+    runtime = PaliGemma.load(gguf_exports["pg2"])
+    assert runtime.generate(images[1], "caption en", STEPS).token_ids == expected
+    runtime.decoder.sliding_window = None  # llama.cpp's mask alone
+    assert runtime.generate(images[1], "caption en", STEPS).token_ids != expected
+
+
+def test_stream_and_sequences_joining_a_running_batch(gguf_exports, images):
+    runtime = PaliGemma.load(gguf_exports["pg1"])
+    whole = runtime.generate(images[0], "caption en", STEPS)
+    assert "".join(runtime.stream(images[0], "caption en", max_new_tokens=STEPS)) == whole.text
+    jobs = [
+        (images[0], "caption en", 20),
+        (images[1], "detect house ; car ; sun", 12),
+        (images[2], "ocr", 6),
+        (images[1], "answer en what is on the table?", 20),
+    ]
+    sequences = _interleaved(runtime, jobs, [0, 3, 3, 9], leave_early={0: 14})
+    for (image, prompt, steps), sequence in zip(jobs[1:], sequences[1:]):
+        assert sequence.result().token_ids == runtime.generate(image, prompt, steps).token_ids, prompt
+    assert sorted(runtime.decoder._free_seqs) == [0, 1, 2, 3], "every sequence went back to the pool"
+
+
+def test_seeded_sampling_is_per_sequence(gguf_exports, images):
+    runtime = PaliGemma.load(gguf_exports["pg2"])
+    options = dict(temperature=0.8, top_k=50, top_p=0.9, seed=7)
+    single = runtime.generate(images[1], "caption en", STEPS, **options).token_ids
+    batched = runtime.generate([images[0], images[1]], ["ocr", "caption en"], STEPS, **options)
+    assert batched[1].token_ids == single
+
+
+@pytest.fixture(scope="module")
+def scripted_gguf(tmp_path_factory):
+    """The scripted PaliGemma 2 (always answers SCRIPT) as a GGUF export with a mask decoder."""
+    from paligemma_edge.export.random_checkpoint import CheckpointShape, make_scripted_checkpoint
+
+    from .conftest import write_vae_npz
+
+    root = tmp_path_factory.mktemp("scripted-gguf")
+    checkpoint = make_scripted_checkpoint(root / "hf", SCRIPT, CheckpointShape(version=2, kv_heads=2))
+    write_vae_npz(root / "vae-oid.npz", 64, 32)
+    settings = ExportSettings(seg_decoder=root / "vae-oid.npz", backend="llamacpp")
+    return export_model(checkpoint, root / "export", settings).directory
+
+
+def test_detect_and_segment_equal_the_onnx_export(scripted_gguf, scripted_export, images):
+    on_gguf, on_onnx = PaliGemma.load(scripted_gguf), PaliGemma.load(scripted_export)
+    assert on_gguf.generate(images[0], "detect car", 40).text == SCRIPT
+    assert on_gguf.detect(images[0], "car").to_dict() == on_onnx.detect(images[0], "car").to_dict()
+    mask_gguf, mask_onnx = on_gguf.segment(images[0], "car"), on_onnx.segment(images[0], "car")
+    assert [o.box for o in mask_gguf.objects] == [o.box for o in mask_onnx.objects]
+    assert all((a.mask == b.mask).all() for a, b in zip(mask_gguf.objects, mask_onnx.objects))
+
+
+def test_q8_0_keeps_the_scripted_model_and_costs_what_onnx_int8_costs(
+    q8, gguf_exports, exports, scripted_gguf, tmp_path
+):
+    """On the chaotic random checkpoints any 8-bit scheme moves many top-1 choices (random logits are nearly
+    flat), so q8_0 is held to what onnxruntime's int8 decoder costs on the same checkpoint; on the scripted
+    model (confident logits) q8_0 must change nothing."""
+    scripted_q8 = quantize_export(scripted_gguf, tmp_path / "scripted-q8", get_recipe("q8_0")).directory
+    images, prompts = default_images(), ["detect car", "segment car", "caption en"]
+    report = compare_exports(PaliGemma.load(scripted_gguf), PaliGemma.load(scripted_q8), images, prompts)
+    assert report.summary()["greedy_exact_match"] == 1.0
+    assert PaliGemma.load(scripted_q8).generate(images[0][1], "detect car", 40).text == SCRIPT
+    int8 = get_recipe("int8").with_overrides(vision="fp32")
+    for name in ("pg1", "pg2"):
+        onnx_int8 = quantize_export(exports[name].export_dir, tmp_path / f"{name}-int8", int8).directory
+        prompts = ["caption en", "detect house ; car"]
+        ours = compare_exports(PaliGemma.load(gguf_exports[name]), PaliGemma.load(q8[name]), images, prompts)
+        onnx = compare_exports(PaliGemma.load(exports[name].export_dir), PaliGemma.load(onnx_int8), images, prompts)
+        assert ours.summary()["top1_agreement"] >= onnx.summary()["top1_agreement"] - 0.1, name
+        assert ours.summary()["top1_agreement"] > 0.6, name
+
+
+def test_compare_between_an_onnx_and_a_gguf_export(gguf_exports, exports):
+    report = compare_exports(
+        PaliGemma.load(exports["pg1"].export_dir), PaliGemma.load(gguf_exports["pg1"]), default_images(), PROMPTS
+    )
+    assert report.summary()["top1_agreement"] >= 0.99 and report.summary()["mean_kl"] < 1e-3
+
+
+@pytest.mark.parametrize(("recipe", "weight_type"), [("q4_0", "Q4_0"), ("q4_k_m", None), ("f16", "F16")])
+def test_llamacpp_recipes(gguf_exports, tmp_path, images, recipe, weight_type):
+    out = run_cli("quantize", gguf_exports["pg1"], tmp_path / recipe, "--recipe", recipe, "--json")
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads(out.stdout)
+    assert manifest["graphs"]["decoder"]["dtype"] == recipe
+    assert manifest["graphs"]["vision"]["dtype"] == ("fp16" if recipe == "f16" else "int8")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / recipe / "decoder.gguf").tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    if weight_type:
+        assert types["blk.0.ffn_up.weight"] == weight_type
+    else:  # k-quants need rows of 256: on this 64-wide model llama.cpp falls back, but never to f32
+        assert types["blk.0.ffn_up.weight"] not in ("F32", "F16")
+    result = PaliGemma.load(tmp_path / recipe).generate(images[0], "caption en", 8)
+    assert len(result.token_ids) > 0
+
+
+def test_recipes_match_the_export_kind(gguf_exports, exports, tmp_path):
+    with pytest.raises(QuantizationError, match="GGUF .* its recipes are q8_0"):
+        quantize_export(gguf_exports["pg1"], tmp_path / "a", get_recipe("int4"))
+    with pytest.raises(QuantizationError, match="ONNX export: its recipes are int8"):
+        quantize_export(exports["pg1"].export_dir, tmp_path / "b", get_recipe("q4_0"))
+    with pytest.raises(QuantizationError, match="only --vision"):
+        get_recipe("q4_0").with_overrides(block_size=64)
+
+
+def test_limits_are_typed_errors(gguf_exports, images):
+    runtime = PaliGemma.load(gguf_exports["pg1"], max_sequences=2)
+    with pytest.raises(GenerationError, match="holds 2 sequences"):
+        runtime.generate(images[:3], ["ocr"] * 3, max_new_tokens=2)
+    assert runtime.generate(images[:2], ["ocr"] * 2, max_new_tokens=2)  # the pool was not leaked
+    small = PaliGemma.load(gguf_exports["pg1"], context_tokens=300)
+    with pytest.raises(GenerationError, match="filled its llama.cpp context"):
+        small.generate(images[0], "caption en", max_new_tokens=400, ignore_eos=True)
+    with pytest.raises(GenerationError, match="micro-batch"):
+        small.generate(images[0], "caption en " + "red " * 120, max_new_tokens=2)
+
+
+def test_vocabulary_and_build_are_what_llama_cpp_reports(gguf_exports):
+    """Stock llama.cpp reads the GGUF's tokenizer: its pieces and special ids are the export's."""
+    manifest = json.loads((gguf_exports["pg2"] / "manifest.json").read_text())
+    runtime = PaliGemma.load(gguf_exports["pg2"])
+    model = runtime.decoder.main.model
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    assert llama_cpp.llama_vocab_n_tokens(vocab) == manifest["language_model"]["vocab_size"]  # padding rows too
+    assert llama_cpp.llama_vocab_bos(vocab) == manifest["tokens"]["bos"]
+    assert llama_cpp.llama_vocab_eos(vocab) == manifest["tokens"]["eos"][0]
+    for token in ("<image>", "<loc0513>", "<seg077>", "red"):
+        token_id = runtime.tokenizer.token_to_id(token)
+        assert llama_cpp.llama_vocab_get_text(vocab, token_id).decode() == token
+    info = build_info()
+    assert info.startswith(f"llama-cpp-python {llama_cpp.__version__}") and "AMX" not in info
+    out = run_cli("info", gguf_exports["pg2"])
+    assert out.returncode == 0 and "decoder (llamacpp)" in out.stdout and "llama-cpp-python" in out.stdout
+
+
+def test_export_cli_with_a_gguf_recipe_and_without_llama_cpp(exports, tmp_path, images):
+    """`export --backend llamacpp --quant q4_0` end to end; a machine without llama-cpp-python is told which
+    extra to install, and `info` still works there."""
+    from .test_layering import run_without
+
+    out_dir = tmp_path / "q4"
+    out = run_cli("export", exports["pg1"].checkpoint, out_dir, "--backend", "llamacpp", "--quant", "q4_0", "--json")
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads(out.stdout)
+    assert manifest["decoder_backend"] == "llamacpp" and manifest["quantization"]["recipe"]["name"] == "q4_0"
+    assert manifest["source_verification"]["passed"] and "top1_agreement" in manifest["quality"]["fp32"]
+    images[0].save(tmp_path / "a.png")
+    run = run_without(["llama_cpp"], "run", out_dir, "--image", tmp_path / "a.png", "--prompt", "ocr")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: `paligemma-edge run` needs llama_cpp: pip install 'paligemma-edge[llamacpp]'"
+    ]
+    info = run_without(["llama_cpp"], "info", out_dir)
+    assert info.returncode == 0 and "not installed here" in info.stdout, info.stderr
