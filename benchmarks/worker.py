@@ -89,7 +89,9 @@ def bench_export(
                 }
             )
     context = result.prompt_tokens + new_tokens
-    return {"load_s": load_s, **summarize(runs), "context_tokens": context, "memory": memory}
+    report = {"load_s": load_s, **summarize(runs), "context_tokens": context, "memory": memory}
+    build = getattr(model.decoder, "build", None)  # llama.cpp: the library version and CPU features it uses
+    return {**report, "backend_build": build} if build else report
 
 
 def bench_hf(

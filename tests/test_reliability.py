@@ -138,6 +138,28 @@ def test_a_failed_export_appears_nowhere(exports, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_swallowed_inside_torch_still_stops_the_export(exports, tmp_path, monkeypatch):
+    """torch's exporter may catch the KeyboardInterrupt a Ctrl-C raises inside it; the export stops anyway."""
+    import os
+
+    from paligemma_edge.export import exporter
+
+    real = exporter.export_vision
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # what a broad `except BaseException` fallback inside torch does
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exporter, "export_vision", swallowing)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_model(exports["pg1"].checkpoint, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
 # ---------------------------------------------------------------- 4: compare
 def test_compare_refuses_other_models_and_writes_only_when_asked(exports, source):
     before = tree_digest(source)
