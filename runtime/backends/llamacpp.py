@@ -134,8 +134,8 @@ class _Model:
         context.swa_full = True  # keep every cell: the mask, not eviction, applies the window
         context.kv_unified = False  # a stream per sequence: a row's cells sit as in a single call
         context.no_perf = True
-        if options.threads:
-            context.n_threads = context.n_threads_batch = options.threads
+        # llama.cpp's own default is 4 threads whatever the machine: on 2 cores that oversubscribes
+        context.n_threads = context.n_threads_batch = options.threads or os.cpu_count() or 1
         self.ctx = llama_cpp.llama_init_from_model(self.model, context)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -223,7 +223,8 @@ class LlamaCppCache:
     def select(self, rows: Sequence[int]) -> LlamaCppCache:
         rows = list(rows)
         kept = LlamaCppCache(self.decoder, [self.seqs[r] for r in rows], [self.lengths[r] for r in rows])
-        self.decoder.release([s for i, s in enumerate(self.seqs) if i not in set(rows)])
+        keep = set(rows)
+        self.decoder.release([seq for i, seq in enumerate(self.seqs) if i not in keep])
         self.seqs.clear()
         return kept
 
