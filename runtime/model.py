@@ -73,7 +73,7 @@ class PaliGemma:
         verify_checksums: bool | str = True,
         memory_arena: bool = True,
         gpu_layers: int = 0,
-        max_sequences: int = 4,
+        max_sequences: int | None = None,
         context_tokens: int | None = None,
         cache_type: str | None = None,
         flash_attention: bool | None = None,
@@ -87,9 +87,9 @@ class PaliGemma:
         the prefill's peak RSS drops (int4: 8.0 → 6.3 GB) for ~15 % slower prefill and decode steps.
 
         GGUF exports (llama.cpp): ``gpu_layers`` layers go to a GPU build's device (-1: all);
-        ``max_sequences`` sequences can decode together, each with ``context_tokens`` KV cells; ``cache_type``
-        ("f32"/"f16") and ``flash_attention`` default to exact (f32, off) for full-precision exports and to
-        f16 + flash attention for quantized ones (see `LlamaCppOptions`).
+        ``max_sequences`` sequences (default 4; 1 at 896 px) can decode together, each with ``context_tokens``
+        KV cells; ``cache_type`` ("f32"/"f16") and ``flash_attention`` default to exact (f32, off) for
+        full-precision exports and to f16 + flash attention for quantized ones (see `LlamaCppOptions`).
         """
         manifest = load_manifest(path)
         manifest.verify_files(checksums=verify_checksums)

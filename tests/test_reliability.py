@@ -140,6 +140,7 @@ def test_a_failed_export_appears_nowhere(exports, tmp_path, monkeypatch):
 
 def test_ctrl_c_swallowed_inside_torch_still_stops_the_export(exports, tmp_path, monkeypatch):
     """torch's exporter may catch the KeyboardInterrupt a Ctrl-C raises inside it; the export stops anyway."""
+    import contextlib
     import os
 
     from paligemma_edge.export import exporter
@@ -147,10 +148,8 @@ def test_ctrl_c_swallowed_inside_torch_still_stops_the_export(exports, tmp_path,
     real = exporter.export_vision
 
     def swallowing(*args, **kwargs):
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # what a broad `except BaseException` inside torch does
             os.kill(os.getpid(), signal.SIGINT)
-        except KeyboardInterrupt:
-            pass  # what a broad `except BaseException` fallback inside torch does
         return real(*args, **kwargs)
 
     monkeypatch.setattr(exporter, "export_vision", swallowing)

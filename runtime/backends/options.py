@@ -30,7 +30,7 @@ class LlamaCppOptions:
 
     gpu_layers: int = 0  # layers offloaded to a GPU build's device (-1: all)
     threads: int | None = None  # None: llama.cpp's default
-    max_sequences: int = 4  # sequences decoding together (a batch larger than this is refused)
+    max_sequences: int | None = None  # decoding together (larger batches are refused); None: 4, 1 at 896 px
     context_tokens: int | None = None  # KV cells per sequence; None: image tokens + 512
     cache_type: str | None = None  # "f32" or "f16"
     flash_attention: bool | None = None
