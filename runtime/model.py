@@ -71,7 +71,7 @@ class PaliGemma:
         providers: list | None = None,
         threads: int | None = None,
         verify_checksums: bool | str = True,
-        memory_arena: bool = True,
+        memory_arena: bool | None = None,
         gpu_layers: int = 0,
         max_sequences: int | None = None,
         context_tokens: int | None = None,
@@ -84,7 +84,9 @@ class PaliGemma:
         cache), "full" every time, False only sizes.
 
         ``memory_arena=False`` returns onnxruntime's activation memory to the OS after each call: at 896 px
-        the prefill's peak RSS drops (int4: 8.0 → 6.3 GB) for ~15 % slower prefill and decode steps.
+        the prefill's peak RSS drops (int4: 8.0 → 6.3 GB) for ~15 % slower prefill and decode steps. None: on,
+        except for the vision graph of a GGUF export at 896 px (its ~1.3 GB of activations leave before the
+        llama.cpp prefill).
 
         GGUF exports (llama.cpp): ``gpu_layers`` layers go to a GPU build's device (-1: all);
         ``max_sequences`` sequences (default 4; 1 at 896 px) can decode together, each with ``context_tokens``

@@ -7,6 +7,8 @@ A backend's module is imported only when an export needs it (llama.cpp is an opt
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..backend import Decoder, VisionEncoder
 from ..errors import CorruptExportError
 from ..export_format import LLAMACPP_BACKEND, ONNX_BACKEND, Manifest
@@ -22,11 +24,15 @@ def _load_onnx(manifest: Manifest, options: BackendOptions) -> tuple[VisionEncod
 
 
 def _load_llamacpp(manifest: Manifest, options: BackendOptions) -> tuple[VisionEncoder, Decoder]:
-    """The vision graph on onnxruntime, the GGUF decoder on llama.cpp."""
-    from .llamacpp import LlamaCppDecoder
+    """The vision graph on onnxruntime, the GGUF decoder on llama.cpp. At 896 px the vision graph runs without
+    onnxruntime's arena by default: its activations go back to the OS before the decoder's prefill."""
+    from .llamacpp import LARGE_PREFIX, LlamaCppDecoder
     from .onnx import OnnxVision
 
-    return OnnxVision.load(manifest, options.onnx), LlamaCppDecoder.load(manifest, options.llamacpp)
+    vision_options = options.onnx
+    if vision_options.memory_arena is None:
+        vision_options = replace(vision_options, memory_arena=manifest.num_image_tokens < LARGE_PREFIX)
+    return OnnxVision.load(manifest, vision_options), LlamaCppDecoder.load(manifest, options.llamacpp)
 
 
 LOADERS = {ONNX_BACKEND: _load_onnx, LLAMACPP_BACKEND: _load_llamacpp}

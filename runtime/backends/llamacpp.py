@@ -39,7 +39,7 @@ from .options import LlamaCppOptions
 _CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}
 _PREFIX_ALLOWANCE = 512  # tokens per sequence beyond the image tokens, for the default context size
 _DEFAULT_SEQUENCES = 4
-_LARGE_PREFIX = 2048  # image tokens from which one sequence at a time is the default (896 px: 4.6k cells each)
+LARGE_PREFIX = 2048  # image tokens from which one sequence at a time is the default (896 px: 4.6k cells each)
 _WINDOW_KEY = b"gemma2.attention.sliding_window"
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18  # x86-64 Linux
 _log_callback = None  # kept alive: llama.cpp calls it from C
@@ -256,7 +256,7 @@ class LlamaCppDecoder:
         per_sequence = manifest.num_image_tokens + _PREFIX_ALLOWANCE
         if lm.max_positions:
             per_sequence = min(per_sequence, lm.max_positions)
-        default_sequences = 1 if manifest.num_image_tokens >= _LARGE_PREFIX else _DEFAULT_SEQUENCES
+        default_sequences = 1 if manifest.num_image_tokens >= LARGE_PREFIX else _DEFAULT_SEQUENCES
         self.max_sequences = options.max_sequences or default_sequences
         self.context_tokens = options.context_tokens or per_sequence  # per sequence
         self.batch_tokens = min(self.context_tokens, per_sequence)  # the longest prefix decoded in one call

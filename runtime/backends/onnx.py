@@ -21,7 +21,7 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 def open_session(path: Path, options: OnnxOptions, prepack: bool = True) -> ort.InferenceSession:
     session_options = ort.SessionOptions()
-    session_options.enable_cpu_mem_arena = options.memory_arena
+    session_options.enable_cpu_mem_arena = options.memory_arena is not False
     if options.threads:
         session_options.intra_op_num_threads = options.threads
     if options.profile_prefix:

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class OnnxOptions:
     """How sessions are created. ``memory_arena=False`` returns onnxruntime's activation memory to the OS
-    after each call: lower peak RSS at 896 px for ~15 % slower prefill and decode steps."""
+    after each call: lower peak RSS at 896 px for ~15 % slower prefill and decode steps (None: the backend's
+    choice, see `PaliGemma.load`)."""
 
     providers: list | None = None
     threads: int | None = None
-    memory_arena: bool = True
+    memory_arena: bool | None = None
     profile_prefix: str | None = None  # onnxruntime's profiler on: it writes PREFIX_<date>.json per session
 
 
