@@ -16,7 +16,7 @@ from paligemma_edge.quant.compare import compare_exports, default_images
 from paligemma_edge.quant.quantize import quantize_export
 from paligemma_edge.quant.recipes import get_recipe
 from paligemma_edge.runtime.backends.llamacpp import build_info
-from paligemma_edge.runtime.errors import GenerationError, QuantizationError
+from paligemma_edge.runtime.errors import BackendBuildError, GenerationError, QuantizationError
 
 from .conftest import PROMPTS, SCRIPT, VARIANTS, hf_generate, load_hf, run_cli
 from .test_backend_seam import _interleaved
@@ -232,6 +232,9 @@ def test_limits_are_typed_errors(gguf_exports, images):
         small.generate(images[0], "caption en", max_new_tokens=400, ignore_eos=True)
     with pytest.raises(GenerationError, match="micro-batch"):
         small.generate(images[0], "caption en " + "red " * 120, max_new_tokens=2)
+    if not llama_cpp.llama_supports_gpu_offload():  # a CPU build (CI's): asking for a GPU is an error, not a no-op
+        with pytest.raises(BackendBuildError, match="no GPU backend"):
+            PaliGemma.load(gguf_exports["pg1"], gpu_layers=-1)
 
 
 def test_vocabulary_and_build_are_what_llama_cpp_reports(gguf_exports):

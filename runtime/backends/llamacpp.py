@@ -243,6 +243,11 @@ class LlamaCppDecoder:
 
     def __init__(self, manifest: Manifest, options: LlamaCppOptions):
         self.build = check_build()  # before any decode
+        if options.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+            raise BackendBuildError(
+                f"gpu_layers={options.gpu_layers} asks for GPU offload, but this llama-cpp-python has no GPU backend "
+                f"({self.build}). Reinstall it with one (README: installing a GPU build), or leave gpu_layers at 0."
+            )
         lm = manifest.language_model
         entry = manifest.graph("decoder")
         self.path = str(manifest.path(entry.file))
