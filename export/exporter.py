@@ -164,7 +164,10 @@ def _torch_steps(
     with tqdm(steps, desc="export", unit="step") as bar:
         bar.set_postfix_str(steps[0])
         checkpoint = resolve_checkpoint(model)
-        hf_model, processor = load_checkpoint(checkpoint, settings.dtype)
+        # GGUF --dtype fp16: fp16 weights in the GGUF only; llama.cpp computes in f32, so torch (the reference and
+        # the vision graph) stays fp32 and the f16 weights are judged against it
+        torch_dtype = "fp32" if settings.backend == fmt.LLAMACPP_BACKEND else settings.dtype
+        hf_model, processor = load_checkpoint(checkpoint, torch_dtype)
         out.mkdir(parents=True, exist_ok=True)
         config = hf_model.config
         text_config = config.text_config
@@ -237,7 +240,7 @@ def _torch_steps(
             tokens=token_ids,
             decoder_backend=settings.backend,
             graphs={
-                "vision": GraphEntry(fmt.VISION_FILE, settings.dtype, vision["inputs"], vision["outputs"]),
+                "vision": GraphEntry(fmt.VISION_FILE, torch_dtype, vision["inputs"], vision["outputs"]),
                 "decoder": decoder_entry,
             },
             sliding_window_rule=(

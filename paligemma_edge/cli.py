@@ -371,7 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a Hugging Face PaliGemma checkpoint to ONNX (or GGUF)")
     export.add_argument("model", help="local checkpoint directory or hub id (e.g. google/paligemma-3b-mix-224)")
     export.add_argument("out_dir", type=Path, help="the export directory to write")
-    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision of the torch export")
+    export.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="precision of the torch export (with --backend llamacpp: of the GGUF's weights only)",
+    )
     export.add_argument(
         "--backend",
         choices=["onnxruntime", "llamacpp"],

@@ -274,3 +274,14 @@ def test_export_cli_with_a_gguf_recipe_and_without_llama_cpp(exports, tmp_path, 
     ]
     info = run_without(["llama_cpp"], "info", out_dir)
     assert info.returncode == 0 and "not installed here" in info.stdout, info.stderr
+
+
+def test_fp16_gguf_export_is_judged_against_fp32_transformers(exports, tmp_path):
+    manifest = export_model(
+        exports["pg2"].checkpoint, tmp_path / "f16", ExportSettings(backend="llamacpp", dtype="fp16")
+    ).to_dict()
+    assert manifest["graphs"]["decoder"]["dtype"] == "fp16" and manifest["graphs"]["vision"]["dtype"] == "fp32"
+    verification = manifest["verification"]
+    assert verification["passed"] and 0 < verification["max_abs_logit_diff"] <= verification["tolerance"]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "f16" / "decoder.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
