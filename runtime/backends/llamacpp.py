@@ -116,7 +116,8 @@ class _Model:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = options.gpu_layers
         self._overrides = None
-        if window is not None:
+        if window is not None:  # the widened handle: no repacked copy of the weights (it only runs prefixes)
+            params.use_extra_bufts = False
             self._overrides = _window_override(window)
             params.kv_overrides = ctypes.cast(self._overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), params)
