@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import multiprocessing
 import shutil
-import signal
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,44 +118,7 @@ def _release_weights(model) -> None:
         tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
-class _Interrupts:
-    """Ctrl-C seen during the export. torch's exporter can swallow the KeyboardInterrupt it raises (its capture
-    fallbacks), so the signal is also remembered and `check` stops the export at the next step."""
-
-    def __init__(self):
-        self.seen = False
-
-    def check(self) -> None:
-        if self.seen:
-            raise KeyboardInterrupt
-
-    @classmethod
-    @contextlib.contextmanager
-    def watching(cls):
-        interrupts = cls()
-        if threading.current_thread() is not threading.main_thread():
-            yield interrupts
-            return
-
-        def handler(signum, frame):
-            interrupts.seen = True
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            yield interrupts
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
 def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tuple[Manifest, Reference | None]:
-    with _Interrupts.watching() as interrupts:
-        return _torch_steps(model, out, settings, interrupts)
-
-
-def _torch_steps(
-    model: str | Path, out: Path, settings: ExportSettings, interrupts: _Interrupts
-) -> tuple[Manifest, Reference | None]:
     """Everything that needs torch: transformers' reference outputs, both graphs, tokenizer, manifest."""
     steps = ["load checkpoint", "export vision", "export decoder", "tokenizer + manifest"]
     with tqdm(steps, desc="export", unit="step") as bar:
@@ -174,7 +134,6 @@ def _torch_steps(
         vision_config = config.vision_config
         image_size = vision_config.image_size
         bar.update()
-        interrupts.check()
 
         reference = None
         if settings.verify:  # computed now, so the torch model can be freed before onnxruntime runs
@@ -183,7 +142,6 @@ def _torch_steps(
         bar.set_postfix_str(steps[1])
         vision = export_vision(hf_model, image_size, out / fmt.VISION_FILE)
         bar.update()
-        interrupts.check()
         bar.set_postfix_str(steps[3])
         tokenizer_path = _write_tokenizer(checkpoint, processor, out)
         token_ids = _token_ids(tokenizer_path, hf_model)
@@ -199,7 +157,6 @@ def _torch_steps(
             decoder = export_decoder(hf_model, out / decoder_file)
             decoder_entry = GraphEntry(decoder_file, settings.dtype, decoder["inputs"], decoder["outputs"])
         bar.update()
-        interrupts.check()
 
         bar.set_postfix_str(steps[3])
         layer_types = list(
@@ -253,7 +210,6 @@ def _torch_steps(
         if settings.seg_decoder is not None:
             manifest = attach_mask_decoder(out, settings.seg_decoder)
         bar.update()
-        interrupts.check()
 
         _release_weights(hf_model)
     return manifest, reference
