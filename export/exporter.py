@@ -98,16 +98,10 @@ def _versions(backend: str) -> dict:
         "onnxruntime": onnxruntime.__version__,
     }
     if backend == fmt.LLAMACPP_BACKEND:
-        import gguf
+        from importlib.metadata import version
 
-        versions["gguf"] = gguf.__version__ if hasattr(gguf, "__version__") else _dist_version("gguf")
+        versions["gguf"] = version("gguf")
     return versions
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 def _release_weights(model) -> None:
@@ -150,8 +144,8 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
             from .gguf_decoder import write_gguf_decoder
 
             decoder_file = fmt.GGUF_DECODER_FILE
-            decoder = write_gguf_decoder(hf_model, tokenizer_path, token_ids, out / decoder_file, settings.dtype)
-            decoder_entry = GraphEntry(decoder_file, settings.dtype, [], [])
+            written = write_gguf_decoder(hf_model, tokenizer_path, token_ids, out / decoder_file, settings.dtype)
+            decoder_entry = GraphEntry(decoder_file, settings.dtype, [], [], source=written)
         else:
             decoder_file = fmt.DECODER_FILE
             decoder = export_decoder(hf_model, out / decoder_file)

@@ -135,7 +135,7 @@ class GraphEntry:
     tied_table: bool = True  # decoder: one table serves the lookup and the LM head (opened without prepacking)
     lm_head: str | None = None  # decoder of a quantized export: precisions of the LM head and the lookup
     embeddings: str | None = None
-    source: dict[str, Any] | None = None  # mask decoder: the npz it was built from
+    source: dict[str, Any] | None = None  # mask decoder: the npz it was built from; GGUF decoder: what was folded
 
 
 @dataclass(frozen=True)
