@@ -285,3 +285,25 @@ def test_fp16_gguf_export_is_judged_against_fp32_transformers(exports, tmp_path)
     assert verification["passed"] and 0 < verification["max_abs_logit_diff"] <= verification["tolerance"]
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "f16" / "decoder.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_server_on_a_gguf_export(gguf_exports, images):
+    """The OpenAI-compatible server runs a GGUF export unchanged: 6 concurrent clients over a batch of 4
+    sequences each get their single-call text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .test_serve import LiveServer, chat_body, data_uri
+
+    reference = PaliGemma.load(gguf_exports["pg1"])
+    jobs = [(images[i % 3], prompt) for i, prompt in enumerate(["caption en", "ocr", "detect car"] * 2)]
+    expected = [reference.generate(image, prompt, 10).text for image, prompt in jobs]
+    with LiveServer(gguf_exports["pg1"], max_batch=4) as server:
+        client = server.client()
+
+        def ask(job):
+            messages = chat_body(data_uri(job[0]), job[1])["messages"]
+            return client.chat.completions.create(model="pg-test", messages=messages, max_tokens=10)
+
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(ask, jobs))
+    assert [r.choices[0].message.content for r in replies] == expected
