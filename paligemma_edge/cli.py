@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paligemma-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     json_help = "print machine-readable JSON instead of text"
-    threads_help = "onnxruntime threads (default: all cores)"
+    threads_help = "CPU threads of onnxruntime and llama.cpp (default: all cores)"
+    gpu_layers_help = "GGUF exports: layers llama.cpp offloads to its GPU device (-1: all)"
     overwrite_help = "replace OUT_DIR if it exists and is not empty (the new one is complete before the old goes)"
 
     export = sub.add_parser("export", help="export a Hugging Face PaliGemma checkpoint to ONNX (or GGUF)")
@@ -420,9 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", required=True, help='e.g. "caption en", "detect cat ; dog"')
     _add_generation_options(run)
     run.add_argument("--threads", type=int, default=None, help=threads_help)
-    run.add_argument(
-        "--gpu-layers", type=int, default=0, help="GGUF exports: layers llama.cpp offloads to its GPU device (-1: all)"
-    )
+    run.add_argument("--gpu-layers", type=int, default=0, help=gpu_layers_help)
     run.add_argument("--no-verify-checksums", action="store_true", help="skip sha256 of the export's files")
     run.add_argument(
         "--divisor",
@@ -463,9 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt", default="caption en", help="the prompt of every run")
     bench.add_argument("--image", type=Path, default=None, help="default: the bundled demo image")
     bench.add_argument("--threads", type=int, default=None, help=threads_help)
-    bench.add_argument(
-        "--gpu-layers", type=int, default=0, help="GGUF exports: layers llama.cpp offloads to its GPU device (-1: all)"
-    )
+    bench.add_argument("--gpu-layers", type=int, default=0, help=gpu_layers_help)
     bench.add_argument("--baseline-hf", type=Path, default=None, help="the HF checkpoint the exports came from")
     bench.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers baselines to run (comma-separated)")
     bench.add_argument("--json", type=Path, default=None, help="write the full report here")
@@ -493,9 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--provider", action="append", default=None, help="onnxruntime execution provider (default: CPU)"
     )
     serve.add_argument("--threads", type=int, default=None, help=threads_help)
-    serve.add_argument(
-        "--gpu-layers", type=int, default=0, help="GGUF exports: layers llama.cpp offloads to its GPU device (-1: all)"
-    )
+    serve.add_argument("--gpu-layers", type=int, default=0, help=gpu_layers_help)
     serve.set_defaults(func=_cmd_serve)
 
     evaluation = sub.add_parser("eval", help="task quality of an export on a JSONL data set")
