@@ -49,9 +49,9 @@ def quantize_gguf_export(manifest: fmt.Manifest, out: Path, recipe: GgufRecipe, 
             quantize_vision(source_dir / vision.file, out / vision.file, recipe.vision)
             vision.dtype = recipe.vision
         bar.update()
-    written = [part for graph in (vision, decoder) for part in fmt.graph_files(graph.file) if (out / part).is_file()]
-    copied = [name for name in manifest.files if name not in written and not name.startswith(decoder.file)]
-    copied = [name for name in copied if name not in fmt.graph_files(vision.file)]
+    graph_parts = [part for graph in (vision, decoder) for part in fmt.graph_files(graph.file)]
+    written = [part for part in graph_parts if (out / part).is_file()]
+    copied = [name for name in manifest.files if name not in graph_parts]  # tokenizer, mask decoder
     for name in copied:
         shutil.copyfile(source_dir / name, out / name)
     manifest.quantization = {"recipe": recipe.to_dict(), "source_export": str(source_dir)}

@@ -301,8 +301,7 @@ class LlamaCppDecoder:
 
     def release(self, seqs: Sequence[int]) -> None:
         for seq in list(seqs):
-            if self.main is not None:
-                self.main.remove(seq)
+            self.main.remove(seq)
             self._free_seqs.append(seq)
 
     def close(self) -> None:
@@ -337,11 +336,11 @@ class LlamaCppDecoder:
         flags = np.array([int(c) in wanted for c in columns], np.int8)
         positions = chunk.positions[row, columns]
         widen = self.sliding_window is not None and cache.lengths[row] + count > self.sliding_window
-        model = self._widened(count) if widen else self.main
+        if widen and cache.lengths[row]:
+            raise GenerationError("a prefix after decoded tokens is not supported on the llama.cpp backend.")
+        model = self._widened() if widen else self.main
         if widen:
             model.remove(seq)
-            if cache.lengths[row]:
-                raise GenerationError("a prefix after decoded tokens is not supported on the llama.cpp backend.")
         model.decode(_Batch(np.full(count, seq), positions, flags, embeds=embeds), causal=False)
         for index, column in enumerate(columns.tolist()):
             if flags[index]:
@@ -350,13 +349,12 @@ class LlamaCppDecoder:
             self._copy_sequence(model, seq)
         cache.lengths[row] += count
 
-    def _widened(self, prefix: int) -> _Model:
-        """The second handle: same file, window overridden to cover a prefix; its context has as many streams as
-        the main one (llama.cpp copies a sequence's cache only between contexts of the same stream count)."""
-        if self._wide is None or self._wide.batch_tokens < prefix:
-            if self._wide is not None:
-                self._wide.close()
-            size = max(prefix, self.batch_tokens)
+    def _widened(self) -> _Model:
+        """The second handle: same file, window overridden to cover any prefix this decoder accepts (at most
+        ``batch_tokens``); its context has as many streams as the main one (llama.cpp copies a sequence's cache
+        only between contexts of the same stream count)."""
+        if self._wide is None:
+            size = self.batch_tokens
             self._wide = _Model(
                 self.path,
                 self.options,
