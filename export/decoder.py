@@ -17,12 +17,15 @@ import torch
 from torch import nn
 from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
 
+from .attention import QUERY_CHUNK, attend
+
 
 class ExportableDecoder(nn.Module):
     """(ids, image embeds, positions, masks, KV buffers) → (selected logits, new tokens' KV)."""
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, query_chunk: int = QUERY_CHUNK):
         super().__init__()
+        self.query_chunk = query_chunk
         language_model = hf_model.model.language_model
         config = language_model.config
         self.config = config
@@ -62,8 +65,8 @@ class ExportableDecoder(nn.Module):
 
         The query heads that share a KV head are folded into its rows, so nothing is repeated per
         query head (8× for MQA). The cache is never concatenated: scores against the past buffer and
-        against the new keys are joined (a [.., Q, past] + [.., Q, Q] copy, tiny when decoding) and
-        only the new keys/values are returned, for the runtime to write into its buffer in place.
+        against the new keys are joined, a chunk of queries at a time (`attention.chunked_attention`),
+        and only the new keys/values are returned, for the runtime to write into its buffer in place.
         The mask covers [buffer slots..., new tokens...]; unwritten buffer slots are masked out.
         """
         attn = layer.self_attn
@@ -74,19 +77,12 @@ class ExportableDecoder(nn.Module):
         key = attn.k_proj(hidden).view(shape).transpose(1, 2)
         value = attn.v_proj(hidden).view(shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        kv_heads, past = key.shape[1], past_key.shape[2]
-        grouped = query.reshape(batch, kv_heads, groups * seq, attn.head_dim)  # head h = kv·groups + g
-        scores = torch.cat([grouped @ past_key.transpose(2, 3), grouped @ key.transpose(2, 3)], dim=-1)
-        scores = scores * attn.scaling
+        kv_heads = key.shape[1]
+        grouped = query.reshape(batch, kv_heads, groups, seq, attn.head_dim)  # head h = kv·groups + g
         softcap = getattr(attn, "attn_logit_softcapping", None)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        total = scores.shape[-1]
-        scores = scores.view(batch, kv_heads, groups, seq, total)
-        scores = torch.where(mask.unsqueeze(2), scores, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        weights = weights.view(batch, kv_heads, groups * seq, total)
-        out = weights[..., :past] @ past_value + weights[..., past:] @ value
+        out = attend(
+            grouped, key, value, past_key, past_value, mask, scale=attn.scaling, softcap=softcap, chunk=self.query_chunk
+        )
         out = out.view(batch, -1, seq, attn.head_dim).transpose(1, 2)
         return attn.o_proj(out.reshape(batch, seq, -1)), key, value
 

@@ -25,6 +25,7 @@ from ..runtime.export_format import (
     sha256_file,
 )
 from ..runtime.output_dirs import atomic_output_dir
+from .attention import QUERY_CHUNK
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .graphs import export_decoder, export_vision, opset_for
 from .random_checkpoint import RANDOM_MARKER
@@ -45,6 +46,7 @@ class ExportSettings:
     seg_decoder: Path | None = None  # big_vision's vae-oid.npz → mask_decoder.onnx
     isolate: bool | None = None  # torch stage in a child process; None: when the checkpoint is > ISOLATE_BYTES
     backend: str = fmt.ONNX_BACKEND  # or fmt.LLAMACPP_BACKEND: the decoder as GGUF (vision stays ONNX)
+    query_chunk: int = QUERY_CHUNK  # attention takes the queries this many rows at a time (export/attention.py)
 
 
 def _token_ids(tokenizer_path: Path, model) -> TokenIds:
@@ -134,7 +136,8 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
             reference = transformers_reference(hf_model, processor, settings.verify_prompt, settings.verify_steps)
 
         bar.set_postfix_str(steps[1])
-        vision = export_vision(hf_model, image_size, out / fmt.VISION_FILE)
+        attention_record = {"attention": "query-chunked", "query_chunk": settings.query_chunk}
+        vision = export_vision(hf_model, image_size, out / fmt.VISION_FILE, settings.query_chunk)
         bar.update()
         bar.set_postfix_str(steps[3])
         tokenizer_path = _write_tokenizer(checkpoint, processor, out)
@@ -148,8 +151,10 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
             decoder_entry = GraphEntry(decoder_file, settings.dtype, [], [], source=written)
         else:
             decoder_file = fmt.DECODER_FILE
-            decoder = export_decoder(hf_model, out / decoder_file)
-            decoder_entry = GraphEntry(decoder_file, settings.dtype, decoder["inputs"], decoder["outputs"])
+            decoder = export_decoder(hf_model, out / decoder_file, settings.query_chunk)
+            decoder_entry = GraphEntry(
+                decoder_file, settings.dtype, decoder["inputs"], decoder["outputs"], source=attention_record
+            )
         bar.update()
 
         bar.set_postfix_str(steps[3])
@@ -191,7 +196,9 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
             tokens=token_ids,
             decoder_backend=settings.backend,
             graphs={
-                "vision": GraphEntry(fmt.VISION_FILE, torch_dtype, vision["inputs"], vision["outputs"]),
+                "vision": GraphEntry(
+                    fmt.VISION_FILE, torch_dtype, vision["inputs"], vision["outputs"], source=attention_record
+                ),
                 "decoder": decoder_entry,
             },
             sliding_window_rule=(

@@ -11,6 +11,7 @@ import onnx
 import torch
 
 from ..runtime import export_format as fmt
+from .attention import CUSTOM_TRANSLATIONS, QUERY_CHUNK, chunked_vision_attention, expand_chunked_attention
 from .decoder import ExportableDecoder
 from .vision import ExportableVision
 
@@ -29,15 +30,16 @@ _DECODER_DIMS = {"batch", "seq", "past_seq", "num_logits"}
 
 
 def _save(program, path: Path, rename_other_dims: str | None = None) -> None:
-    """Save with weights as external data (works past 2 GB); name derived dims (past+seq) readably."""
+    """Save with weights as external data (works past 2 GB); expand the chunked-attention placeholders;
+    name derived dims (past+seq) readably."""
     program.save(str(path), external_data=True)
-    if rename_other_dims is None:
-        return
     model = onnx.load(str(path), load_external_data=False)
-    for value in [*model.graph.input, *model.graph.output]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param and dim.dim_param not in _DECODER_DIMS:
-                dim.dim_param = rename_other_dims
+    expand_chunked_attention(model)
+    if rename_other_dims is not None:
+        for value in [*model.graph.input, *model.graph.output]:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param and dim.dim_param not in _DECODER_DIMS:
+                    dim.dim_param = rename_other_dims
     onnx.save(model, str(path))
 
 
@@ -45,26 +47,35 @@ def _export(module: torch.nn.Module, args: tuple, **kwargs):
     opset = opset_for(next(module.parameters()).dtype)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
-        return torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False, **kwargs)
+        return torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            custom_translation_table=CUSTOM_TRANSLATIONS,
+            **kwargs,
+        )
 
 
-def export_vision(hf_model, image_size: int, path: Path) -> dict:
+def export_vision(hf_model, image_size: int, path: Path, query_chunk: int = QUERY_CHUNK) -> dict:
     module = ExportableVision(hf_model).eval()
     pixels = torch.zeros(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch")
-    program = _export(
-        module,
-        (pixels,),
-        input_names=[fmt.PIXEL_VALUES],
-        output_names=[fmt.IMAGE_FEATURES],
-        dynamic_shapes=({0: batch},),
-    )
+    with chunked_vision_attention(hf_model, query_chunk):
+        program = _export(
+            module,
+            (pixels,),
+            input_names=[fmt.PIXEL_VALUES],
+            output_names=[fmt.IMAGE_FEATURES],
+            dynamic_shapes=({0: batch},),
+        )
     _save(program, path)
     return {"inputs": [fmt.PIXEL_VALUES], "outputs": [fmt.IMAGE_FEATURES]}
 
 
-def export_decoder(hf_model, path: Path) -> dict:
-    module = ExportableDecoder(hf_model).eval()
+def export_decoder(hf_model, path: Path, query_chunk: int = QUERY_CHUNK) -> dict:
+    module = ExportableDecoder(hf_model, query_chunk).eval()
     config = module.config
     layers = len(module.layers)
     batch, seq, past, total = 2, 5, 3, 8

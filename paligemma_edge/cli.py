@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .runtime import spec
 from .runtime.errors import PaliGemmaEdgeError
+from .runtime.export_format import QUERY_CHUNK
 
 # optional modules → the extra that installs them
 _EXTRA_OF = {
@@ -44,7 +45,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export.exporter import ExportSettings, export_model
 
     settings = ExportSettings(
-        dtype=args.dtype, verify=not args.no_verify, seg_decoder=args.seg_decoder, backend=args.backend
+        dtype=args.dtype,
+        verify=not args.no_verify,
+        seg_decoder=args.seg_decoder,
+        backend=args.backend,
+        query_chunk=args.query_chunk,
     )
     overrides = [args.vision, args.decoder, args.lm_head, args.embeddings, args.block_size, args.accuracy_level]
     if not args.recipe and (any(o is not None for o in overrides) or args.asymmetric):
@@ -383,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["onnxruntime", "llamacpp"],
         default="onnxruntime",
         help="decoder format: ONNX (onnxruntime) or GGUF (llama.cpp, needs the [llamacpp] extra); vision stays ONNX",
+    )
+    export.add_argument(
+        "--query-chunk",
+        type=_positive_int,
+        default=QUERY_CHUNK,
+        help=f"attention takes the queries this many rows at a time, so no [heads, S, S] score tensor is held "
+        f"(default {QUERY_CHUNK}; exact for any value)",
     )
     export.add_argument("--no-verify", action="store_true", help="skip the check against transformers")
     export.add_argument("--seg-decoder", type=Path, default=None, help="big_vision vae-oid.npz → mask_decoder.onnx")

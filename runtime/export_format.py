@@ -30,6 +30,8 @@ MANIFEST_FILE = "manifest.json"
 VISION_FILE = "vision.onnx"
 DECODER_FILE = "decoder.onnx"
 GGUF_DECODER_FILE = "decoder.gguf"  # the llama.cpp backend's decoder
+# default query rows per attention chunk in exported graphs (export/attention.py): 67 MB of scores at 896 px
+QUERY_CHUNK = 512
 TOKENIZER_FILE = "tokenizer.json"
 MASK_DECODER_FILE = "mask_decoder.onnx"
 EXTERNAL_DATA_SUFFIX = ".data"

@@ -27,6 +27,9 @@ VARIANTS = {
     # padding rows past the tokenizer's vocabulary (as HF's 257216 vs 257152)
     "pg2": CheckpointShape(version=2, kv_heads=2, sliding_window=24, seed=3, vocab_size=1424 + 64),
 }
+# attention's query chunk per variant (export/attention.py): pg1 runs every graph in one chunk (the default 512);
+# pg1_gqa_448 in 2 (vision, 1,024 tokens) and 3 (its ~1,030-token prefill); pg2 in 3 for both, decode in 1 row
+QUERY_CHUNKS = {"pg1": 512, "pg1_gqa_448": 512, "pg2": 100}
 
 
 @dataclass
@@ -39,13 +42,14 @@ class Exported:
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory) -> dict[str, Exported]:
-    from paligemma_edge.export.exporter import export_model
+    from paligemma_edge.export.exporter import ExportSettings, export_model
 
     root = tmp_path_factory.mktemp("exports")
     built = {}
     for name, tiny in VARIANTS.items():
         checkpoint = make_tiny_checkpoint(root / f"{name}-hf", tiny)
-        manifest = export_model(checkpoint, root / name).to_dict()
+        settings = ExportSettings(query_chunk=QUERY_CHUNKS[name])
+        manifest = export_model(checkpoint, root / name, settings).to_dict()
         built[name] = Exported(name, checkpoint, root / name, manifest)
     return built
 

@@ -1,0 +1,92 @@
+"""Query-chunked attention (export/attention.py): the ONNX Scan equals the direct computation for every chunking,
+and exported graphs hold no whole score tensor outside the per-chunk loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from paligemma_edge.export.attention import CUSTOM_TRANSLATIONS, attend, expand_chunked_attention
+
+from .conftest import QUERY_CHUNKS
+
+NAMES = ["query", "key", "value", "past_key", "past_value", "mask"]
+
+
+def direct_attention(query, key, value, past_key, past_value, mask, scale, softcap):
+    """Written out independently of the module: one score tensor for all queries."""
+    batch, kv_heads, groups, seq, dim = query.shape
+    keys, values = torch.cat([past_key, key], 2), torch.cat([past_value, value], 2)
+    scores = torch.einsum("bkgsd,bktd->bkgst", query, keys) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+    return torch.einsum("bkgst,bktd->bkgsd", torch.softmax(scores, -1), values)
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, chunk: int, softcap: float | None):
+        super().__init__()
+        self.chunk, self.softcap = chunk, softcap
+
+    def forward(self, query, key, value, past_key, past_value, mask):
+        return attend(query, key, value, past_key, past_value, mask, scale=0.3, softcap=self.softcap, chunk=self.chunk)
+
+
+def random_inputs(batch: int, seq: int, past: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(batch, 2, 3, seq, 8), (batch, 2, seq, 8), (batch, 2, seq, 8), (batch, 2, past, 8), (batch, 2, past, 8)]
+    tensors = [torch.randn(*shape, generator=g) * 2 for shape in shapes]
+    mask = torch.rand(batch, 1, seq, past + seq, generator=g) > 0.3
+    mask[..., -1] = True  # every query sees at least one key
+    return [*tensors, mask]
+
+
+@pytest.fixture(scope="module", params=[None, 5.0], ids=["no-softcap", "softcap"])
+def chunked_graph(request, tmp_path_factory):
+    softcap = request.param
+    path = tmp_path_factory.mktemp("attention") / "attention.onnx"
+    b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    dynamic = ({0: b, 3: s}, {0: b, 2: s}, {0: b, 2: s}, {0: b, 2: p}, {0: b, 2: p}, {0: b, 2: s, 3: torch.export.Dim.AUTO})
+    program = torch.onnx.export(
+        Attention(chunk=7, softcap=softcap),
+        tuple(random_inputs(2, 5, 3, seed=0)),
+        dynamo=True,
+        input_names=NAMES,
+        dynamic_shapes=dynamic,
+        custom_translation_table=CUSTOM_TRANSLATIONS,
+    )
+    model = program.model_proto
+    assert expand_chunked_attention(model) == 1
+    onnx.save(model, str(path))
+    return ort.InferenceSession(str(path)), softcap
+
+
+# (batch, queries, past): one row (a decode step), fewer rows than a chunk, exact multiples, a remainder, no past
+@pytest.mark.parametrize("batch,seq,past", [(1, 1, 40), (2, 5, 3), (1, 14, 0), (3, 22, 9), (1, 50, 7)])
+def test_scan_over_query_chunks_equals_direct_attention(chunked_graph, batch, seq, past):
+    session, softcap = chunked_graph
+    inputs = random_inputs(batch, seq, past, seed=seq)
+    expected = direct_attention(*inputs, scale=0.3, softcap=softcap)
+    (out,) = session.run(None, {name: t.numpy() for name, t in zip(NAMES, inputs)})
+    np.testing.assert_allclose(out, expected.numpy(), rtol=0, atol=2e-5)
+    eager = Attention(chunk=7, softcap=softcap)(*inputs)
+    np.testing.assert_allclose(eager.numpy(), expected.numpy(), rtol=0, atol=2e-5)
+
+
+def _top_level_ops(path) -> list[str]:
+    return [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+@pytest.mark.parametrize("graph", ["vision.onnx", "decoder.onnx"])
+def test_exported_graphs_compute_scores_only_inside_the_chunk_loop(exported, graph):
+    """No Softmax (hence no whole [heads, S, T] score tensor) in the main graph: one Scan per layer holds it."""
+    ops = _top_level_ops(exported.export_dir / graph)
+    config = exported.manifest["vision" if graph == "vision.onnx" else "language_model"]
+    assert "Softmax" not in ops
+    assert ops.count("Scan") == config["num_layers"]
+    entry = exported.manifest["graphs"][graph.removesuffix(".onnx")]
+    assert entry["source"] == {"attention": "query-chunked", "query_chunk": QUERY_CHUNKS[exported.name]}
