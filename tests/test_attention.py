@@ -50,7 +50,8 @@ def chunked_graph(request, tmp_path_factory):
     softcap = request.param
     path = tmp_path_factory.mktemp("attention") / "attention.onnx"
     b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    dynamic = ({0: b, 3: s}, {0: b, 2: s}, {0: b, 2: s}, {0: b, 2: p}, {0: b, 2: p}, {0: b, 2: s, 3: torch.export.Dim.AUTO})
+    mask = {0: b, 2: s, 3: torch.export.Dim.AUTO}
+    dynamic = ({0: b, 3: s}, {0: b, 2: s}, {0: b, 2: s}, {0: b, 2: p}, {0: b, 2: p}, mask)
     program = torch.onnx.export(
         Attention(chunk=7, softcap=softcap),
         tuple(random_inputs(2, 5, 3, seed=0)),
