@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from ..runtime.export_format import QUERY_CHUNK
 
 DOMAIN = "paligemma_edge"
+BYPASS_ONE_CHUNK = True
 OP_TYPE = "ChunkedAttention"
 
 
@@ -250,10 +251,45 @@ def _expand(node: onnx.NodeProto, dtype: int, prefix: str) -> list[onnx.NodeProt
         "Scan", scan_inputs, body=body, num_scan_inputs=len(scan_inputs), scan_input_axes=axes, scan_output_axes=[3]
     )
     joined = b.op("Reshape", [chunked, b.op("Concat", [b.shape(query, 0, 3), padded, b.shape(query, 4, 5)], axis=0)])
-    b.nodes.append(
-        helper.make_node("Slice", [joined, b.ints([0]), seq, b.ints([3])], [node.output[0]], name=f"{prefix}/output")
+    scanned = b.op("Slice", [joined, b.ints([0]), seq, b.ints([3])], hint="scanned")
+    if not BYPASS_ONE_CHUNK:
+        b.nodes.append(helper.make_node("Identity", [scanned], [node.output[0]], name=f"{prefix}/output"))
+        return b.nodes
+    # one chunk (every decode step): the body on the whole query, without Scan's per-call overhead
+    needed = _needed_for([chunks, one], b.nodes)
+    outer_nodes = [n for n in b.nodes if n.output[0] in needed]
+    scan_only = [n for n in b.nodes if n.output[0] not in needed]
+    direct = _body(attrs, outer, dtype, f"{prefix}/whole")
+    feeds = [helper.make_node("Identity", [query], [direct.input[0].name])]
+    if mask:
+        feeds.append(helper.make_node("Identity", [mask], [direct.input[1].name]))
+    then_branch = helper.make_graph(feeds + list(direct.node), f"{prefix}/one", [], list(direct.output))
+    scanned_info = [helper.make_tensor_value_info(scanned, dtype, None)]
+    else_branch = helper.make_graph(scan_only, f"{prefix}/chunks", [], scanned_info)
+    single = outer_nodes + [helper.make_node("Equal", [chunks, one], [f"{prefix}/single"])]
+    single.append(
+        helper.make_node(
+            "If",
+            [f"{prefix}/single"],
+            [node.output[0]],
+            name=f"{prefix}/output",
+            then_branch=then_branch,
+            else_branch=else_branch,
+        )
     )
-    return b.nodes
+    return single
+
+
+def _needed_for(values: list[str], nodes: list[onnx.NodeProto]) -> set[str]:
+    """Outputs of the nodes that compute ``values``."""
+    producers = {n.output[0]: n for n in nodes}
+    needed, todo = set(), list(values)
+    while todo:
+        name = todo.pop()
+        if name in producers and name not in needed:
+            needed.add(name)
+            todo += list(producers[name].input)
+    return needed
 
 
 def expand_chunked_attention(model: onnx.ModelProto) -> int:

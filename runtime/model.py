@@ -83,10 +83,10 @@ class PaliGemma:
         ``verify_checksums``: True checks each file's sha256 once per file version (remembered in the user's
         cache), "full" every time, False only sizes.
 
-        ``memory_arena=False`` returns onnxruntime's activation memory to the OS after each call: at 896 px
-        the prefill's peak RSS drops (int4: 8.0 → 6.3 GB) for ~15 % slower prefill and decode steps. None: on,
-        except for the vision graph of a GGUF export at 896 px (its ~1.3 GB of activations leave before the
-        llama.cpp prefill).
+        ``memory_arena=False`` returns onnxruntime's activation memory to the OS after each call (lower peak RSS,
+        slower calls). None: on, except for the vision graph at 896 px (its activations leave before the prefill),
+        and a prefill of 2,048 tokens or more hands its arena memory back when it ends (onnxruntime's arena
+        shrinkage); PaliGemma2-3B-896 int4 peaks at 5.4 GB over two requests this way (benchmarks/RESULTS.md).
 
         GGUF exports (llama.cpp): ``gpu_layers`` layers go to a GPU build's device (-1: all);
         ``max_sequences`` sequences (default 4; 1 at 896 px) can decode together, each with ``context_tokens``

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from paligemma_edge.export.attention import CUSTOM_TRANSLATIONS, attend, expand_chunked_attention
+from paligemma_edge.runtime.export_format import load_manifest
 
 from .conftest import QUERY_CHUNKS
 
@@ -78,16 +79,35 @@ def test_scan_over_query_chunks_equals_direct_attention(chunked_graph, batch, se
     np.testing.assert_allclose(eager.numpy(), expected.numpy(), rtol=0, atol=2e-5)
 
 
-def _top_level_ops(path) -> list[str]:
-    return [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
-
-
 @pytest.mark.parametrize("graph", ["vision.onnx", "decoder.onnx"])
 def test_exported_graphs_compute_scores_only_inside_the_chunk_loop(exported, graph):
-    """No Softmax (hence no whole [heads, S, T] score tensor) in the main graph: one Scan per layer holds it."""
-    ops = _top_level_ops(exported.export_dir / graph)
+    """No Softmax (hence no whole [heads, S, T] score tensor) in the main graph: per layer, an If runs the
+    attention on the whole query when it is one chunk (a decode step) and a Scan over chunks otherwise."""
+    nodes = onnx.load(str(exported.export_dir / graph), load_external_data=False).graph.node
     config = exported.manifest["vision" if graph == "vision.onnx" else "language_model"]
-    assert "Softmax" not in ops
-    assert ops.count("Scan") == config["num_layers"]
+    assert "Softmax" not in [node.op_type for node in nodes]
+    branches = [node for node in nodes if node.op_type == "If"]
+    assert len(branches) == config["num_layers"]
+    for node in branches:
+        chunked = next(attr.g for attr in node.attribute if attr.name == "else_branch")
+        assert [n.op_type for n in chunked.node].count("Scan") == 1
     entry = exported.manifest["graphs"][graph.removesuffix(".onnx")]
     assert entry["source"] == {"attention": "query-chunked", "query_chunk": QUERY_CHUNKS[exported.name]}
+
+
+@pytest.mark.parametrize("image_tokens,shrink", [(256, False), (4096, True)])
+def test_long_context_memory_defaults(exports, image_tokens, shrink):
+    """At 896 px (4,096 image tokens) the vision call and a long prefill hand the arena's memory back when they
+    end; without an arena there is nothing to hand back."""
+    from dataclasses import replace
+
+    from paligemma_edge.runtime.backends import LOADERS, BackendOptions, OnnxOptions
+
+    manifest = replace(load_manifest(exports["pg1"].export_dir), num_image_tokens=image_tokens)
+    vision, decoder = LOADERS["onnxruntime"](manifest, BackendOptions())
+    assert vision.session.get_session_options().enable_cpu_mem_arena
+    assert (vision.run_options is not None) == shrink
+    assert decoder._run_options(2047) is None and decoder._run_options(4110) is not None
+    vision, decoder = LOADERS["onnxruntime"](manifest, BackendOptions(onnx=OnnxOptions(memory_arena=False)))
+    assert not vision.session.get_session_options().enable_cpu_mem_arena and vision.run_options is None
+    assert decoder._run_options(4110) is None

@@ -12,7 +12,7 @@ from dataclasses import replace
 from ..backend import Decoder, VisionEncoder
 from ..errors import CorruptExportError
 from ..export_format import LLAMACPP_BACKEND, ONNX_BACKEND, Manifest
-from .options import BackendOptions, LlamaCppOptions, OnnxOptions
+from .options import LARGE_PREFIX, BackendOptions, LlamaCppOptions, OnnxOptions
 
 __all__ = ["LOADERS", "BackendOptions", "LlamaCppOptions", "OnnxOptions", "load_backend"]
 
@@ -25,8 +25,9 @@ def _load_onnx(manifest: Manifest, options: BackendOptions) -> tuple[VisionEncod
 
 def _load_llamacpp(manifest: Manifest, options: BackendOptions) -> tuple[VisionEncoder, Decoder]:
     """The vision graph on onnxruntime, the GGUF decoder on llama.cpp. At 896 px the vision graph runs without
-    onnxruntime's arena by default: its activations go back to the OS before the decoder's prefill."""
-    from .llamacpp import LARGE_PREFIX, LlamaCppDecoder
+    onnxruntime's arena by default: its activations go back to the OS before the decoder's prefill (the figures
+    of benchmarks/RESULTS.md's llama.cpp section were measured so)."""
+    from .llamacpp import LlamaCppDecoder
     from .onnx import OnnxVision
 
     vision_options = options.onnx

@@ -34,12 +34,11 @@ except ModuleNotFoundError as error:  # the CLI turns this into "pip install 'pa
 from ..backend import DecoderChunk
 from ..errors import BackendBuildError, CorruptExportError, GenerationError
 from ..export_format import IMAGE_SLOT, Manifest
-from .options import LlamaCppOptions
+from .options import LARGE_PREFIX, LlamaCppOptions
 
 _CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}
 _PREFIX_ALLOWANCE = 512  # tokens per sequence beyond the image tokens, for the default context size
 _DEFAULT_SEQUENCES = 4
-LARGE_PREFIX = 2048  # image tokens from which one sequence at a time is the default (896 px: 4.6k cells each)
 _WINDOW_KEY = b"gemma2.attention.sliding_window"
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18  # x86-64 Linux
 _log_callback = None  # kept alive: llama.cpp calls it from C

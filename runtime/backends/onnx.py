@@ -14,7 +14,7 @@ from ..errors import CorruptExportError, ImageError
 from ..export_format import Manifest
 from ..masks import TokenLayout, make_attn_mask, place_in_buffer, restrict_to_window
 from .kv_buffers import KVBuffers
-from .options import OnnxOptions
+from .options import LARGE_PREFIX, OnnxOptions
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -45,24 +45,69 @@ def _check_io(session: ort.InferenceSession, expected: list[str], graph: str, pa
         )
 
 
-def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], graph: str) -> list[np.ndarray]:
+def shrink_arena_after() -> ort.RunOptions:
+    """Run options that hand the CPU arena's free memory back to the OS when the call ends."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
+def _failed(graph: str, error: Exception) -> CorruptExportError:
+    return CorruptExportError(
+        f"onnxruntime failed running the {graph} graph ({type(error).__name__}: {str(error)[:300]}); the graph "
+        "and the manifest disagree. Re-run the export."
+    )
+
+
+def _run(
+    session: ort.InferenceSession,
+    feeds: dict[str, np.ndarray],
+    graph: str,
+    run_options: ort.RunOptions | None = None,
+) -> list[np.ndarray]:
     """session.run, with onnxruntime's failures (shapes or types the graph rejects) as typed errors."""
     try:
-        return session.run(None, feeds)
+        return session.run(None, feeds, run_options)
     except Exception as error:  # onnxruntime's own exception types are not importable in a stable way
-        raise CorruptExportError(
-            f"onnxruntime failed running the {graph} graph ({type(error).__name__}: {str(error)[:300]}); the graph "
-            "and the manifest disagree. Re-run the export."
-        ) from error
+        raise _failed(graph, error) from error
+
+
+def _run_into(
+    session: ort.InferenceSession,
+    feeds: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray | None],
+    graph: str,
+    run_options: ort.RunOptions | None = None,
+) -> np.ndarray:
+    """Run with I/O binding: the given output arrays are written in place (memory this process owns, not
+    onnxruntime's arena); the one output given as None is allocated by onnxruntime and returned."""
+    binding = session.io_binding()
+    try:
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, array in outputs.items():
+            if array is None:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(
+                    name, "cpu", element_type=array.dtype.type, shape=list(array.shape), buffer_ptr=array.ctypes.data
+                )
+        session.run_with_iobinding(binding, run_options)
+        (returned,) = [value for value, given in zip(binding.copy_outputs_to_cpu(), outputs.values()) if given is None]
+    except Exception as error:  # onnxruntime's own exception types are not importable in a stable way
+        raise _failed(graph, error) from error
+    return returned
 
 
 class OnnxVision:
     """vision.onnx: pixel values → projected image features."""
 
-    def __init__(self, session: ort.InferenceSession, one_image_per_call: bool = False):
+    def __init__(self, session: ort.InferenceSession, one_image_per_call: bool = False, shrink_arena: bool = False):
         self.session: ort.InferenceSession | None = session
         self.input_name = session.get_inputs()[0].name
         self.one_image_per_call = one_image_per_call
+        # 896 px: the arena keeps calls fast, and its ~1 GB goes back to the OS before the decoder's prefill
+        self.run_options = shrink_arena_after() if shrink_arena else None
 
     @classmethod
     def load(cls, manifest: Manifest, options: OnnxOptions) -> OnnxVision:
@@ -72,14 +117,15 @@ class OnnxVision:
         _check_io(session, entry.inputs, "vision", path)
         # quantize_dynamic computes one activation scale per call: in a batch, an image's features
         # would depend on its batch-mates, so int8 graphs see one image at a time
-        return cls(session, one_image_per_call=entry.dtype == "int8")
+        shrink = manifest.num_image_tokens >= LARGE_PREFIX and options.memory_arena is not False
+        return cls(session, one_image_per_call=entry.dtype == "int8", shrink_arena=shrink)
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         if self.session is None:
             raise ImageError("The vision encoder was closed (close_vision()); load the export again to encode images.")
         if self.one_image_per_call and len(pixel_values) > 1:
             return np.concatenate([self.encode(pixel_values[i : i + 1]) for i in range(len(pixel_values))])
-        (features,) = _run(self.session, {self.input_name: pixel_values}, "vision")
+        (features,) = _run(self.session, {self.input_name: pixel_values}, "vision", self.run_options)
         return features.astype(np.float32, copy=False)
 
     def close(self) -> None:
@@ -115,15 +161,17 @@ class OnnxCache:
 class OnnxDecoder:
     """decoder.onnx: a chunk of tokens against the KV buffers → logits at the requested positions."""
 
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest):
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, memory_arena: bool | None = None):
         lm = manifest.language_model
         self.session = session
+        self.memory_arena = memory_arena
         self.hidden_size = lm.hidden_size
         self.kv_heads = lm.num_kv_heads
         self.head_dim = lm.head_dim
         self.sliding_window = lm.sliding_window
         inputs = {i.name: i for i in session.get_inputs()}
         self.cache_names = fmt.cache_input_names(lm.num_layers)
+        self.new_names = fmt.cache_output_names(lm.num_layers)
         missing = [name for name in (*fmt.DECODER_INPUTS, *self.cache_names) if name not in inputs]
         known = {*fmt.DECODER_INPUTS, fmt.SLIDING_ATTENTION_MASK, *self.cache_names}
         extra = sorted(set(inputs) - known)
@@ -146,7 +194,14 @@ class OnnxDecoder:
         # a tied table must not be prepacked (a second copy); a quantized LM head needs prepacking
         session = open_session(path, options, prepack=not entry.tied_table)
         _check_io(session, entry.inputs, "decoder", path)
-        return cls(session, manifest)
+        return cls(session, manifest, options.memory_arena)
+
+    def _run_options(self, num_queries: int) -> ort.RunOptions | None:
+        """A long prefill hands its arena memory back to the OS when it ends (onnxruntime's arena shrinkage), so
+        the decode steps after an 896 px prefill do not sit on its high-water mark; every other call keeps it."""
+        if num_queries < LARGE_PREFIX or self.memory_arena is False:
+            return None
+        return shrink_arena_after()
 
     def new_cache(self, batch_size: int) -> OnnxCache:
         kv = KVBuffers.empty(len(self.cache_names), batch_size, self.kv_heads, self.head_dim, self.cache_dtype)
@@ -171,7 +226,11 @@ class OnnxDecoder:
         if self.has_sliding:
             window = restrict_to_window(mask, layout.positions, layout.mask_ar, int(self.sliding_window))
             feeds[fmt.SLIDING_ATTENTION_MASK] = place_in_buffer(window, cache.kv.capacity)
-        logits, *new_keys_values = _run(self.session, feeds, "decoder")
+        # this call's keys/values land in arrays of ours, so a long prefill's 0.9 GB of them never enters the arena
+        shape = (batch, self.kv_heads, num_queries, self.head_dim)
+        new_keys_values = [np.empty(shape, self.cache_dtype) for _ in self.new_names]
+        outputs = {fmt.LOGITS: None, **dict(zip(self.new_names, new_keys_values))}
+        logits = _run_into(self.session, feeds, outputs, "decoder", self._run_options(num_queries))
         cache.kv.append(new_keys_values)
         return logits.astype(np.float32, copy=False)
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# image tokens from which an export counts as long-context (896 px: 4,096): there, by default, vision runs without
+# onnxruntime's arena, onnxruntime hands the decoder's prefill memory back, llama.cpp keeps one sequence
+LARGE_PREFIX = 2048
+
 
 @dataclass(frozen=True)
 class OnnxOptions:
