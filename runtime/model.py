@@ -84,9 +84,9 @@ class PaliGemma:
         cache), "full" every time, False only sizes.
 
         ``memory_arena=False`` returns onnxruntime's activation memory to the OS after each call (lower peak RSS,
-        slower calls). None: on, except for the vision graph at 896 px (its activations leave before the prefill),
-        and a prefill of 2,048 tokens or more hands its arena memory back when it ends (onnxruntime's arena
-        shrinkage); PaliGemma2-3B-896 int4 peaks at 5.4 GB over two requests this way (benchmarks/RESULTS.md).
+        slower calls). None: on; at 896 px the vision call and a prefill of 2,048 tokens or more hand the arena's
+        free memory back when they end (onnxruntime's arena shrinkage), and a GGUF export's vision graph runs
+        without it (benchmarks/RESULTS.md).
 
         GGUF exports (llama.cpp): ``gpu_layers`` layers go to a GPU build's device (-1: all);
         ``max_sequences`` sequences (default 4; 1 at 896 px) can decode together, each with ``context_tokens``

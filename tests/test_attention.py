@@ -3,6 +3,8 @@ and exported graphs hold no whole score tensor outside the per-chunk loop."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,7 +14,7 @@ import torch
 from paligemma_edge.export.attention import CUSTOM_TRANSLATIONS, attend, expand_chunked_attention
 from paligemma_edge.runtime.export_format import load_manifest
 
-from .conftest import QUERY_CHUNKS
+from .conftest import QUERY_CHUNKS, run_cli
 
 NAMES = ["query", "key", "value", "past_key", "past_value", "mask"]
 
@@ -111,3 +113,13 @@ def test_long_context_memory_defaults(exports, image_tokens, shrink):
     vision, decoder = LOADERS["onnxruntime"](manifest, BackendOptions(onnx=OnnxOptions(memory_arena=False)))
     assert not vision.session.get_session_options().enable_cpu_mem_arena and vision.run_options is None
     assert decoder._run_options(4110) is None
+
+
+def test_cli_query_chunk_is_recorded_and_validated(exports, tmp_path):
+    done = run_cli("export", str(exports["pg1"].checkpoint), str(tmp_path / "out"), "--query-chunk", "64", "--json")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["verification"]["passed"]
+    assert manifest["graphs"]["vision"]["source"]["query_chunk"] == 64  # 256 image tokens: four chunks
+    refused = run_cli("export", str(exports["pg1"].checkpoint), str(tmp_path / "bad"), "--query-chunk", "0")
+    assert refused.returncode == 2 and "query-chunk" in refused.stderr and not (tmp_path / "bad").exists()

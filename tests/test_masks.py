@@ -66,8 +66,9 @@ def test_kv_cache_appends_in_place_and_grows_by_blocks():
     written = [np.zeros((2, 3, 0, 4), np.float32)] * 2
     for count in (5, 1, 1, 1, 1, 6):  # 5 → 8 slots, 9 → 16, 15 stays
         new = [rng.standard_normal((2, 3, count, 4)).astype(np.float32) for _ in range(2)]
-        before = list(cache.buffers)
-        cache.append(new)
+        before, handed = list(cache.buffers), list(new)
+        cache.append(handed)
+        assert handed == [None, None]  # consumed: each layer's values let go of once written
         written = [np.concatenate([w, n], axis=2) for w, n in zip(written, new)]
         grew = cache.capacity != before[0].shape[2]
         assert all((b is a) != grew for b, a in zip(before, cache.buffers))  # same array unless it grew
