@@ -4,8 +4,8 @@ Softmax is per query row, so splitting the queries is exact: each chunk sees eve
 weights are the same numbers as in one big call. In torch the op is `chunked_attention`, a custom op
 computed directly (a reference and what eager runs use); the exporter writes it as one placeholder node
 (`ChunkedAttention` in the `paligemma_edge` domain) that `expand_chunked_attention` then replaces by an
-ONNX `Scan` over query chunks, sized at run time: n = ceil(S / chunk) chunks of ceil(S / n) rows, so a
-one-token decode step runs one chunk of one row and a 4,110-token prefill nine of 457.
+ONNX `If`: one chunk (every decode step) runs the attention on the whole query; more go through a `Scan` over
+n = ceil(S / chunk) chunks of ceil(S / n) rows, sized at run time (a 4,110-token prefill: nine of 457).
 
 Shapes: query [B, KV, G, S, D] (the G query heads that share a key/value head), key/value
 [B, KV, S_new, D], optional past key/value buffers [B, KV, P, D] (scores against them come first, as in
@@ -28,7 +28,6 @@ from transformers import AttentionInterface
 from ..runtime.export_format import QUERY_CHUNK
 
 DOMAIN = "paligemma_edge"
-BYPASS_ONE_CHUNK = True
 OP_TYPE = "ChunkedAttention"
 
 
@@ -220,27 +219,16 @@ def _body(attrs: dict, outer: dict[str, str], dtype: int, prefix: str) -> onnx.G
     return helper.make_graph(b.nodes, f"{prefix}/body", inputs, outputs)
 
 
-def _expand(node: onnx.NodeProto, dtype: int, prefix: str) -> list[onnx.NodeProto]:
-    """The placeholder's inputs → padded, chunked queries → Scan → the placeholder's output."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    query, key, value, past_key, past_value, mask = (list(node.input) + [""] * 6)[:6]
+def _scan_branch(attrs: dict, outer: dict[str, str], dtype: int, seq: str, chunks: str, prefix: str) -> onnx.GraphProto:
+    """Queries (and mask rows) padded to n·c rows, a Scan over the n chunks of c, the padding cut off again."""
     b = _Nodes(prefix)
-    outer = {"key": key, "value": value}
-    if past_key:
-        outer["past_key"], outer["past_value"] = past_key, past_value
-    if mask:
-        outer["mask"] = mask
-    one = b.ints([1])
-    seq = b.shape(query, 3, 4)
-    chunks = b.op("Div", [b.op("Add", [seq, b.ints([attrs["chunk"] - 1])]), b.ints([attrs["chunk"]])], hint="chunks")
-    rows = b.op("Div", [b.op("Sub", [b.op("Add", [seq, chunks]), one]), chunks], hint="rows")
+    query, mask = outer["query"], outer.get("mask")
+    rows = b.op("Div", [b.op("Sub", [b.op("Add", [seq, chunks]), b.ints([1])]), chunks], hint="rows")
     padded = b.op("Mul", [chunks, rows])
     pad = b.op("Sub", [padded, seq])
-    scan_inputs, axes = [], []
     query_pads = b.op("Concat", [b.ints([0] * 8), pad, b.ints([0])], axis=0)
     split = b.op("Concat", [b.shape(query, 0, 3), chunks, rows, b.shape(query, 4, 5)], axis=0)
-    scan_inputs.append(b.op("Reshape", [b.op("Pad", [query, query_pads]), split]))
-    axes.append(3)
+    scan_inputs, axes = [b.op("Reshape", [b.op("Pad", [query, query_pads]), split])], [3]
     if mask:
         mask_pads = b.op("Concat", [b.ints([0] * 6), pad, b.ints([0])], axis=0)
         split_mask = b.op("Concat", [b.shape(mask, 0, 2), chunks, rows, b.shape(mask, 3, 4)], axis=0)
@@ -252,44 +240,42 @@ def _expand(node: onnx.NodeProto, dtype: int, prefix: str) -> list[onnx.NodeProt
     )
     joined = b.op("Reshape", [chunked, b.op("Concat", [b.shape(query, 0, 3), padded, b.shape(query, 4, 5)], axis=0)])
     scanned = b.op("Slice", [joined, b.ints([0]), seq, b.ints([3])], hint="scanned")
-    if not BYPASS_ONE_CHUNK:
-        b.nodes.append(helper.make_node("Identity", [scanned], [node.output[0]], name=f"{prefix}/output"))
-        return b.nodes
-    # one chunk (every decode step): the body on the whole query, without Scan's per-call overhead
-    needed = _needed_for([chunks, one], b.nodes)
-    outer_nodes = [n for n in b.nodes if n.output[0] in needed]
-    scan_only = [n for n in b.nodes if n.output[0] not in needed]
-    direct = _body(attrs, outer, dtype, f"{prefix}/whole")
-    feeds = [helper.make_node("Identity", [query], [direct.input[0].name])]
+    return helper.make_graph(b.nodes, prefix, [], [helper.make_tensor_value_info(scanned, dtype, None)])
+
+
+def _whole_branch(attrs: dict, outer: dict[str, str], dtype: int, prefix: str) -> onnx.GraphProto:
+    """One chunk (every decode step): the chunk body on the whole query, without a Scan's per-call overhead."""
+    body = _body(attrs, outer, dtype, prefix)
+    feeds = [helper.make_node("Identity", [outer["query"]], [body.input[0].name])]
+    if "mask" in outer:
+        feeds.append(helper.make_node("Identity", [outer["mask"]], [body.input[1].name]))
+    return helper.make_graph(feeds + list(body.node), prefix, [], list(body.output))
+
+
+def _expand(node: onnx.NodeProto, dtype: int, prefix: str) -> list[onnx.NodeProto]:
+    """The placeholder → If(one chunk: the attention on the whole query, else: a Scan over chunks)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    query, key, value, past_key, past_value, mask = (list(node.input) + [""] * 6)[:6]
+    outer = {"query": query, "key": key, "value": value}
+    if past_key:
+        outer["past_key"], outer["past_value"] = past_key, past_value
     if mask:
-        feeds.append(helper.make_node("Identity", [mask], [direct.input[1].name]))
-    then_branch = helper.make_graph(feeds + list(direct.node), f"{prefix}/one", [], list(direct.output))
-    scanned_info = [helper.make_tensor_value_info(scanned, dtype, None)]
-    else_branch = helper.make_graph(scan_only, f"{prefix}/chunks", [], scanned_info)
-    single = outer_nodes + [helper.make_node("Equal", [chunks, one], [f"{prefix}/single"])]
-    single.append(
+        outer["mask"] = mask
+    b = _Nodes(prefix)
+    seq = b.shape(query, 3, 4)
+    chunks = b.op("Div", [b.op("Add", [seq, b.ints([attrs["chunk"] - 1])]), b.ints([attrs["chunk"]])], hint="chunks")
+    single = b.op("Equal", [chunks, b.ints([1])], hint="single")
+    b.nodes.append(
         helper.make_node(
             "If",
-            [f"{prefix}/single"],
+            [single],
             [node.output[0]],
             name=f"{prefix}/output",
-            then_branch=then_branch,
-            else_branch=else_branch,
+            then_branch=_whole_branch(attrs, outer, dtype, f"{prefix}/whole"),
+            else_branch=_scan_branch(attrs, outer, dtype, seq, chunks, f"{prefix}/chunks"),
         )
     )
-    return single
-
-
-def _needed_for(values: list[str], nodes: list[onnx.NodeProto]) -> set[str]:
-    """Outputs of the nodes that compute ``values``."""
-    producers = {n.output[0]: n for n in nodes}
-    needed, todo = set(), list(values)
-    while todo:
-        name = todo.pop()
-        if name in producers and name not in needed:
-            needed.add(name)
-            todo += list(producers[name].input)
-    return needed
+    return b.nodes
 
 
 def expand_chunked_attention(model: onnx.ModelProto) -> int:
