@@ -82,8 +82,9 @@ def _run_into(
     """Run with I/O binding: the given output arrays are written in place (memory this process owns, not
     onnxruntime's arena); the one output given as None is allocated by onnxruntime and returned."""
     binding = session.io_binding()
+    inputs = {name: np.ascontiguousarray(value) for name, value in feeds.items()}  # alive until the run ends
     try:
-        for name, value in feeds.items():
+        for name, value in inputs.items():
             binding.bind_cpu_input(name, value)
         for name, array in outputs.items():
             if array is None:
