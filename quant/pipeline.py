@@ -8,7 +8,7 @@ from pathlib import Path
 from ..export.exporter import ExportSettings, export_model
 from ..runtime.export_format import Manifest
 from ..runtime.model import PaliGemma
-from ..runtime.output_dirs import check_output_dir, publish_dir
+from ..runtime.output_dirs import check_output_dir, publish_dir, storage_full_as_typed_error
 from .compare import DEFAULT_PROMPTS, compare_exports, default_images
 from .quantize import quantize_export
 from .recipes import Recipe
@@ -20,7 +20,10 @@ def export_quantized(
     """The fp32 export (verified against transformers) lives in a scratch directory beside OUT and is
     deleted afterwards; OUT appears, whole, with the quantized export and its quality summary."""
     out = check_output_dir(out_dir, overwrite)
-    with tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=f".{out.name}.partial-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=f".{out.name}.partial-") as scratch,
+        storage_full_as_typed_error(scratch, out),
+    ):
         fp32, quantized = Path(scratch) / "fp32", Path(scratch) / "quantized"
         reference = export_model(model, fp32, settings)
         manifest = quantize_export(fp32, quantized, recipe)

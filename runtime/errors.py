@@ -51,6 +51,10 @@ class OutputPathError(PaliGemmaEdgeError, ValueError):
     """An output path cannot be used: a file, a source, non-empty without --overwrite, or not writable."""
 
 
+class StorageFullError(OutputPathError):
+    """The disk (or a quota, or a file-size limit) ran out while an output was written; nothing was left behind."""
+
+
 class BackendBuildError(PaliGemmaEdgeError, RuntimeError):
     """An installed backend library cannot run on this machine (e.g. a llama.cpp build with AMX on a VM that
     does not allow it)."""

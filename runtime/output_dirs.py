@@ -8,6 +8,7 @@ target as it was. A non-empty target is refused unless ``overwrite`` is given.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -15,7 +16,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import OutputPathError
+from .errors import OutputPathError, StorageFullError
+
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def _is_within(path: Path, other: Path) -> bool:
@@ -56,11 +59,35 @@ def atomic_output_dir(
     target = check_output_dir(target, overwrite, sources)
     work = Path(tempfile.mkdtemp(dir=target.resolve().parent, prefix=f".{target.name}.partial-"))
     try:
-        yield work
+        with storage_full_as_typed_error(work, target):
+            yield work
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     _move_into_place(work, target)
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+@contextlib.contextmanager
+def storage_full_as_typed_error(work: str | Path, target: str | Path) -> Iterator[None]:
+    """Turn a write that ran out of room under ``work`` (disk, quota, file-size limit) into a StorageFullError
+    that says how much was written and how much is free; any other error passes through unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in STORAGE_FULL_ERRNOS:
+            raise
+        work = Path(work)
+        written = _tree_bytes(work) if work.is_dir() else 0
+        free = shutil.disk_usage(work if work.exists() else work.parent).free
+        raise StorageFullError(
+            f"writing {target} stopped: {os.strerror(error.errno)} after {written / 1e9:.2f} GB "
+            f"({free / 1e9:.2f} GB free on that file system); nothing was left at {target}. Free some space "
+            "(or choose an output on another disk) and run the command again."
+        ) from error
 
 
 def publish_dir(work: str | Path, target: str | Path, overwrite: bool = False) -> Path:

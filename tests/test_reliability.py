@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -130,6 +131,22 @@ def test_an_interrupted_export_leaves_the_previous_one_untouched(exports, tmp_pa
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
     assert "Traceback" not in stderr
     assert tree_digest(target) == before and leftovers(tmp_path) == []
+
+
+def _files_of_at_most_256_kib() -> None:
+    """In the child before exec: a write past 256 KiB fails with EFBIG, as a full disk fails with ENOSPC."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+
+
+def test_running_out_of_room_is_one_line_and_leaves_nothing(source, tmp_path):
+    """A quantize whose weight file cannot be written whole: a typed one-line error naming the output and
+    the free space, exit 2, no partial directory, the target never created."""
+    target = tmp_path / "out"
+    command = [sys.executable, "-m", "paligemma_edge.cli", "quantize", str(source), str(target), "--recipe", "int8"]
+    out = subprocess.run(command, capture_output=True, text=True, preexec_fn=_files_of_at_most_256_kib)
+    one_line_error(out, f"writing {target} stopped: File too large after")
+    assert "GB free on that file system" in out.stderr
+    assert not target.exists() and leftovers(tmp_path) == []
 
 
 def test_a_failed_export_appears_nowhere(exports, tmp_path, monkeypatch):
