@@ -97,21 +97,34 @@ def test_exported_graphs_compute_scores_only_inside_the_chunk_loop(exported, gra
     assert entry["source"] == {"attention": "query-chunked", "query_chunk": QUERY_CHUNKS[exported.name]}
 
 
+def uses_shared_arena(session_options) -> bool:
+    try:
+        return session_options.get_session_config_entry("session.use_env_allocators") == "1"
+    except RuntimeError:  # onnxruntime: "does not have configuration with key"
+        return False
+
+
 @pytest.mark.parametrize("image_tokens,shrink", [(256, False), (4096, True)])
 def test_long_context_memory_defaults(exports, image_tokens, shrink):
     """At 896 px (4,096 image tokens) the vision call and a long prefill hand the arena's memory back when they
-    end; without an arena there is nothing to hand back."""
+    end and every session draws from the process's shared arena that grows by what is asked; at 224 px each
+    session keeps its own; without an arena there is nothing to hand back or share."""
     from dataclasses import replace
 
     from paligemma_edge.runtime.backends import LOADERS, BackendOptions, OnnxOptions
 
     manifest = replace(load_manifest(exports["pg1"].export_dir), num_image_tokens=image_tokens)
     vision, decoder = LOADERS["onnxruntime"](manifest, BackendOptions())
-    assert vision.session.get_session_options().enable_cpu_mem_arena
+    for session in (vision.session, decoder.session):
+        session_options = session.get_session_options()
+        assert session_options.enable_cpu_mem_arena
+        assert uses_shared_arena(session_options) == shrink
     assert (vision.run_options is not None) == shrink
     assert decoder._run_options(2047) is None and decoder._run_options(4110) is not None
     vision, decoder = LOADERS["onnxruntime"](manifest, BackendOptions(onnx=OnnxOptions(memory_arena=False)))
-    assert not vision.session.get_session_options().enable_cpu_mem_arena and vision.run_options is None
+    session_options = vision.session.get_session_options()
+    assert not session_options.enable_cpu_mem_arena and vision.run_options is None
+    assert not uses_shared_arena(session_options)
     assert decoder._run_options(4110) is None
 
 
