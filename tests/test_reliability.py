@@ -128,7 +128,11 @@ def test_an_interrupted_export_leaves_the_previous_one_untouched(exports, tmp_pa
     process.send_signal(signal.SIGINT)
     stderr = (seen + process.communicate(timeout=120)[1]).decode(errors="replace")
     assert partial, "the export was interrupted before it wrote anything"
-    assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
+    # 130, or death by SIGINT: a shell reads both as $? = 130. CPython takes the second way out when the signal
+    # lands in code a C extension ran through PyRun_* (its "unhandled KeyboardInterrupt" flag is set there even
+    # though our handler catches the exception: "interrupted" printed, then exit by SIGINT — seen once in CI)
+    assert process.returncode in (130, -signal.SIGINT), stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted", stderr
     assert "Traceback" not in stderr
     assert tree_digest(target) == before and leftovers(tmp_path) == []
 
