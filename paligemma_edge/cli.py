@@ -367,6 +367,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quant.recipes import BLOCK_SIZES  # constants only: no onnx, no torch
+
     parser = argparse.ArgumentParser(prog="paligemma-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     json_help = "print machine-readable JSON instead of text"
@@ -418,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--prompts", type=Path, default=None, help="a file, one prompt per line (default: tasks)")
     compare.add_argument("--sweep", action="store_true", help="quantize one component at a time and compare each")
     compare.add_argument("--work-dir", type=Path, default=None, help="scratch space for --sweep")
-    compare.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="--sweep: block")
+    compare.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None, help="--sweep: block")
     compare.add_argument("--asymmetric", action="store_true", help="--sweep: asymmetric MatMulNBits")
     compare.add_argument(
         "--write-manifest", action="store_true", help="also record the summary under 'quality' in QUANT_DIR's manifest"

@@ -10,7 +10,7 @@ VISION_PRECISIONS = ("fp32", "fp16", "int8")
 DECODER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LM_HEAD_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EMBEDDING_PRECISIONS = ("fp32", "fp16", "int8")
-BLOCK_SIZES = (32, 64, 128)
+BLOCK_SIZES = (32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 

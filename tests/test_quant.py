@@ -114,12 +114,13 @@ def test_int8_graphs_hold_integer_weights(quantized):
     assert bits == {8} and graph_ops(quantized["int8"]["dir"] / "decoder.onnx")["MatMulNBits"] == 15
 
 
-def test_block_size_asymmetric_and_overrides(exports, tmp_path):
-    recipe = get_recipe("int4").with_overrides(block_size=64, symmetric=False, vision="fp32", lm_head="int4")
+@pytest.mark.parametrize("block", [64, 256])  # 256: wider than the tiny model's 64-wide rows (padded)
+def test_block_size_asymmetric_and_overrides(exports, tmp_path, block):
+    recipe = get_recipe("int4").with_overrides(block_size=block, symmetric=False, vision="fp32", lm_head="int4")
     manifest = quantize_export(exports["pg2"].export_dir, tmp_path / "q", recipe).to_dict()
     model = onnx.load(str(tmp_path / "q" / "decoder.onnx"), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nbits} == {64}
+    assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nbits} == {block}
     assert all(len(n.input) >= 4 and n.input[3] for n in nbits)  # zero points: asymmetric
     assert manifest["graphs"]["vision"]["dtype"] == "fp32"
     PaliGemma.load(tmp_path / "q").generate(np.zeros((32, 32, 3), np.uint8), "ocr", max_new_tokens=4)
