@@ -108,8 +108,9 @@ def merge_rounds(rounds: list[dict]) -> dict:
     return merged
 
 
-def describe_export(export_dir: Path, result: dict, new_tokens: int, machine: dict) -> dict:
-    """Add what the export is, its size and its roofline to a worker's measurements."""
+def describe_export(export_dir: Path, result: dict, new_tokens: int, machine: dict, provider: str = "cpu") -> dict:
+    """Add what the export is, its size and (on the CPU, whose bandwidth and matmul rate `bench` probes) its
+    roofline to a worker's measurements."""
     manifest = load_manifest(export_dir)
     costs = model_costs(manifest)
     weights = decoder_weight_bytes(manifest)
@@ -121,10 +122,15 @@ def describe_export(export_dir: Path, result: dict, new_tokens: int, machine: di
     result.update(
         target=str(export_dir),
         backend=manifest.decoder_backend,
+        provider=provider,
         precision=manifest.precision,
         image_size=manifest.image_size,
         model_type=manifest.model_type,
         bytes_on_disk=sum(entry.bytes for entry in manifest.files.values()),
+    )
+    if provider != "cpu":
+        return result
+    result.update(
         roofline={
             "decode_bytes_per_token": weights + kv_bytes,
             "decode_tok_s_limit": decode_limit,
@@ -151,10 +157,11 @@ def run_bench(
     hf_dtypes: tuple[str, ...] = ("fp32", "bf16"),
     rounds: int = 1,
     gpu_layers: int = 0,
+    provider: str = "cpu",
 ) -> dict:
     machine = {**machine_info(threads), **roofline(threads)}
     common = [image, prompt, new_tokens, repeat, threads or 0]
-    jobs = [["export", Path(d), *common, gpu_layers] for d in dirs]
+    jobs = [["export", Path(d), *common, gpu_layers, provider] for d in dirs]
     jobs += [["hf", baseline_hf, *common, dtype] for dtype in hf_dtypes] if baseline_hf else []
     measured: list[list[dict]] = [[] for _ in jobs]
     with tqdm(total=rounds * len(jobs), desc="bench", unit="target") as bar:
@@ -164,7 +171,7 @@ def run_bench(
                 runs.append(_run_worker(job))
                 bar.update()
     results = [
-        describe_export(job[1], merge_rounds(runs), new_tokens, machine)
+        describe_export(job[1], merge_rounds(runs), new_tokens, machine, provider)
         for job, runs in zip(jobs, measured)
         if job[0] == "export"
     ]
@@ -189,6 +196,7 @@ def run_bench(
             "repeat": repeat,
             "rounds": rounds,
             "image": str(image),
+            "provider": provider,  # the exports'; transformers baselines run on the CPU
         },
         "results": results + baselines,
     }

@@ -1,6 +1,6 @@
 """Measure one target in a process of its own, so peak RSS belongs to it alone; prints one JSON line.
 
-python -m paligemma_edge.benchmarks.worker export EXPORT_DIR IMAGE PROMPT NEW_TOKENS REPEAT THREADS [GPU_LAYERS]
+python -m paligemma_edge.benchmarks.worker export EXPORT IMAGE PROMPT NEW_TOKENS REPEAT THREADS [GPU_LAYERS [cpu|cuda]]
 python -m paligemma_edge.benchmarks.worker hf CHECKPOINT IMAGE PROMPT NEW_TOKENS REPEAT THREADS DTYPE
 """
 
@@ -56,14 +56,22 @@ def bench_export(
     repeat: int,
     threads: int | None,
     gpu_layers: int = 0,
+    provider: str = "cpu",
 ):
     """Any export through the public API: encode (preprocess + vision), then generate with EOS ignored."""
     from paligemma_edge import PaliGemma
+    from paligemma_edge.runtime.backends.options import EXECUTION_PROVIDERS
     from paligemma_edge.runtime.images import load_image
 
     memory = {"start": rss()}
     start = time.perf_counter()
-    model = PaliGemma.load(export_dir, threads=threads, verify_checksums=False, gpu_layers=gpu_layers)
+    model = PaliGemma.load(
+        export_dir,
+        providers=EXECUTION_PROVIDERS[provider],
+        threads=threads,
+        verify_checksums=False,
+        gpu_layers=gpu_layers,
+    )
     load_s = time.perf_counter() - start
     memory["after_load"] = rss()
     image = load_image(image_path)
@@ -163,8 +171,9 @@ def main(argv: list[str]) -> None:
     kind, target, image, prompt, new_tokens, repeat, threads, *rest = argv
     threads_arg = int(threads) or None
     if kind == "export":
+        gpu_layers, provider = (rest + ["0", "cpu"][len(rest) :])[:2]
         result = bench_export(
-            target, image, prompt, int(new_tokens), int(repeat), threads_arg, int(rest[0]) if rest else 0
+            target, image, prompt, int(new_tokens), int(repeat), threads_arg, int(gpu_layers), provider
         )
     else:
         result = bench_hf(target, image, prompt, int(new_tokens), int(repeat), threads_arg, rest[0])

@@ -90,6 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = PaliGemma.load(
         args.export_dir,
+        providers=_providers(args),
         threads=args.threads,
         verify_checksums=not args.no_verify_checksums,
         gpu_layers=args.gpu_layers,
@@ -171,13 +172,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if args.quant_dir is None:
         raise PaliGemmaEdgeError("compare needs QUANT_DIR (or --sweep).")
-    reference = PaliGemma.load(args.ref_dir, threads=args.threads)
-    candidate = PaliGemma.load(args.quant_dir, threads=args.threads)
+    reference = PaliGemma.load(args.ref_dir, providers=_providers(args), threads=args.threads)
+    candidate = PaliGemma.load(args.quant_dir, providers=_providers(args), threads=args.threads)
     report = compare_exports(reference, candidate, images, prompt_list)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     if args.write_manifest:
         store_in_manifest(report)
     return 0
+
+
+def _add_provider_option(parser: argparse.ArgumentParser) -> None:
+    from .runtime.backends.options import EXECUTION_PROVIDERS  # settings only: no onnxruntime
+
+    parser.add_argument(
+        "--provider",
+        choices=sorted(EXECUTION_PROVIDERS),
+        default="cpu",
+        help="onnxruntime execution provider (cuda needs onnxruntime-gpu: README, 'On a GPU')",
+    )
+
+
+def _providers(args: argparse.Namespace) -> list[str]:
+    from .runtime.backends.options import EXECUTION_PROVIDERS
+
+    return EXECUTION_PROVIDERS[args.provider]
 
 
 def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -224,11 +242,13 @@ def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmarks.bench import plot, run_bench, table
+    from .runtime.backends.onnx import checked_providers
     from .runtime.export_format import load_manifest
     from .runtime.images import demo_image_path, load_image
     from .runtime.output_dirs import check_output_file
 
     # everything a user can get wrong fails now, not after minutes of measuring
+    checked_providers(_providers(args))
     for export_dir in args.export_dirs:
         load_manifest(export_dir).verify_files(checksums=False)
     load_image(args.image or demo_image_path())
@@ -246,6 +266,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         tuple(args.hf_dtypes.split(",")) if args.hf_dtypes else (),
         args.rounds,
         args.gpu_layers,
+        args.provider,
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -258,11 +279,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .runtime.backends.onnx import checked_providers
     from .runtime.export_format import load_manifest
     from .runtime.model import PaliGemma
     from .serve.app import ServerSettings, create_app
 
     load_manifest(args.export_dir).verify_files(checksums=False)  # a wrong path fails now, not in the background
+    checked_providers(_providers(args))  # so does a provider this onnxruntime lacks
     if args.allow_local_files is not None and not args.allow_local_files.is_dir():
         raise PaliGemmaEdgeError(f"--allow-local-files {args.allow_local_files} is not a directory.")
     settings = ServerSettings(
@@ -279,7 +302,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def load() -> PaliGemma:
         return PaliGemma.load(
             args.export_dir,
-            providers=args.provider,
+            providers=_providers(args),
             threads=args.threads,
             gpu_layers=args.gpu_layers,
             max_sequences=args.max_batch,  # llama.cpp: one sequence per batch row
@@ -295,7 +318,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .runtime.model import PaliGemma
 
     examples = read_examples(args.data)[: args.limit]  # a malformed line fails before the model loads
-    model = PaliGemma.load(args.export_dir, threads=args.threads)
+    model = PaliGemma.load(args.export_dir, providers=_providers(args), threads=args.threads)
     report = {"export": str(args.export_dir), "data": str(args.data), "tasks": evaluate(model, examples)}
     if model.manifest.random_weights:
         report["note"] = "RANDOM weights: these figures say nothing about quality"
@@ -426,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-manifest", action="store_true", help="also record the summary under 'quality' in QUANT_DIR's manifest"
     )
     compare.add_argument("--threads", type=int, default=None, help=threads_help)
+    _add_provider_option(compare)
     compare.add_argument("--json", action="store_true", help=json_help)
     compare.set_defaults(func=_cmd_compare)
 
@@ -435,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", required=True, help='e.g. "caption en", "detect cat ; dog"')
     _add_generation_options(run)
     run.add_argument("--threads", type=int, default=None, help=threads_help)
+    _add_provider_option(run)
     run.add_argument("--gpu-layers", type=int, default=0, help=gpu_layers_help)
     run.add_argument("--no-verify-checksums", action="store_true", help="skip sha256 of the export's files")
     run.add_argument(
@@ -476,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt", default="caption en", help="the prompt of every run")
     bench.add_argument("--image", type=Path, default=None, help="default: the bundled demo image")
     bench.add_argument("--threads", type=int, default=None, help=threads_help)
+    _add_provider_option(bench)
     bench.add_argument("--gpu-layers", type=int, default=0, help=gpu_layers_help)
     bench.add_argument("--baseline-hf", type=Path, default=None, help="the HF checkpoint the exports came from")
     bench.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers baselines to run (comma-separated)")
@@ -500,10 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (413 beyond)")
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (504 beyond)")
     serve.add_argument("--model-id", default=None, help="the model name clients use (default: the export's name)")
-    serve.add_argument(
-        "--provider", action="append", default=None, help="onnxruntime execution provider (default: CPU)"
-    )
     serve.add_argument("--threads", type=int, default=None, help=threads_help)
+    _add_provider_option(serve)
     serve.add_argument("--gpu-layers", type=int, default=0, help=gpu_layers_help)
     serve.set_defaults(func=_cmd_serve)
 
@@ -517,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
     evaluation.add_argument("--threads", type=int, default=None, help=threads_help)
+    _add_provider_option(evaluation)
     evaluation.add_argument("--json", action="store_true", help=json_help)
     evaluation.set_defaults(func=_cmd_eval)
 

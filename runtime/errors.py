@@ -55,6 +55,10 @@ class StorageFullError(OutputPathError):
     """The disk (or a quota, or a file-size limit) ran out while an output was written; nothing was left behind."""
 
 
+class ProviderUnavailableError(PaliGemmaEdgeError, ValueError):
+    """An execution provider was asked for (e.g. CUDA) that the installed onnxruntime does not offer."""
+
+
 class BackendBuildError(PaliGemmaEdgeError, RuntimeError):
     """An installed backend library cannot run on this machine (e.g. a llama.cpp build with AMX on a VM that
     does not allow it)."""

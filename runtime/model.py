@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from . import spec, tasks
 from .backend import Decoder, VisionEncoder
 from .backends import load_backend
+from .backends.onnx import checked_providers
 from .backends.options import BackendOptions, LlamaCppOptions, OnnxOptions
 from .errors import CorruptExportError, GenerationError, ImageError, PromptError
 from .export_format import Manifest, load_manifest
@@ -95,6 +96,7 @@ class PaliGemma:
         full-precision exports and to f16 + flash attention for quantized ones (see `LlamaCppOptions`).
         """
         manifest = load_manifest(path)
+        checked_providers(providers)  # before minutes of checksums: a CUDA run that cannot be one says so now
         manifest.verify_files(checksums=verify_checksums)
         options = BackendOptions(
             onnx=OnnxOptions(providers=providers, threads=threads, memory_arena=memory_arena),

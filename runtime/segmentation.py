@@ -10,6 +10,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from . import spec
+from .backends.onnx import checked_providers
 from .errors import MaskDecoderError
 from .export_format import SEG_CODES
 
@@ -32,8 +33,9 @@ class MaskDecoder:
         path = Path(path)
         if not path.is_file():
             raise MaskDecoderError(f"Mask decoder graph {path} does not exist.")
+        providers = checked_providers(providers)
         try:
-            return cls(ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"]))
+            return cls(ort.InferenceSession(str(path), providers=providers))
         except Exception as error:
             raise MaskDecoderError(f"onnxruntime cannot load {path}: {error}") from error
 

@@ -47,6 +47,8 @@ def test_bench_cli_smoke(exports, tmp_path):
         str(report_path),
         "--plot",
         str(plot_path),
+        "--provider",
+        "cpu",
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(report_path.read_text())
@@ -66,8 +68,10 @@ def test_bench_cli_smoke(exports, tmp_path):
         assert result["memory"]["peak"] >= result["memory"]["after_load"] > 0
         assert len(result["rounds"]) == 2  # round-robin: each target measured twice, medians reported
         assert min(r["decode_tok_s"] for r in result["rounds"]) <= result["decode_tok_s"]
+    assert report["settings"]["provider"] == "cpu"
     for result in onnx_results:
         assert result["bytes_on_disk"] > 0
+        assert result["provider"] == "cpu" and result["roofline"]["decode_tok_s_limit"] > 0
         roof = result["roofline"]
         assert roof["decode_tok_s_limit"] > 0 and roof["decode_fraction"] > 0 and roof["vision_fraction"] > 0
         assert roof["decode_fraction_best"] >= roof["decode_fraction"]  # best of 2 rounds ≥ their median

@@ -14,10 +14,13 @@ from paligemma_edge import (
     ExportNotFoundError,
     GenerationError,
     ImageError,
+    MaskDecoder,
     PaliGemma,
     PromptError,
 )
 from paligemma_edge.runtime.errors import CheckpointError
+
+from .conftest import run_cli
 
 
 @pytest.fixture()
@@ -217,3 +220,47 @@ def test_swapped_graph_files_are_caught(export_copy):
     _rewrite_manifest(export_copy, swap_entries)  # sizes agree: only the graphs' interfaces can tell
     with pytest.raises(CorruptExportError, match="mixes files"):
         PaliGemma.load(export_copy, verify_checksums=False)
+
+
+CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+needs_cpu_only_onnxruntime = pytest.mark.skipif(
+    "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+    reason="this onnxruntime has CUDA: nothing to refuse",
+)
+
+
+@needs_cpu_only_onnxruntime
+def test_a_provider_onnxruntime_lacks_is_refused_not_replaced_by_the_cpu(exports, tmp_path):
+    """onnxruntime alone would warn and run on the CPU; asking for CUDA without it is a typed error, raised before
+    the checksums are read, naming the extra to install."""
+    from paligemma_edge.runtime.errors import ProviderUnavailableError
+
+    with pytest.raises(ProviderUnavailableError, match=r"not CUDAExecutionProvider\. For CUDA: pip install"):
+        PaliGemma.load(exports["pg1"].export_dir, providers=CUDA)
+    with pytest.raises(ProviderUnavailableError, match="NoSuchExecutionProvider"):
+        PaliGemma.load(exports["pg1"].export_dir, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(ProviderUnavailableError):  # the mask decoder's session too (any graph: checked before)
+        MaskDecoder.from_onnx(exports["pg1"].export_dir / "vision.onnx", providers=CUDA)
+
+
+@needs_cpu_only_onnxruntime
+@pytest.mark.parametrize("command", ["run", "eval", "compare", "bench", "serve"])
+def test_provider_option_on_the_cli(exports, tmp_path, images, command):
+    pg1 = exports["pg1"].export_dir
+    image = tmp_path / "image.png"
+    images[0].save(image)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"image": str(image), "prompt": "caption en", "answer": "a"}) + "\n")
+    args = {
+        "run": ["run", pg1, "--image", image, "--prompt", "caption en", "--max-new-tokens", "2"],
+        "eval": ["eval", pg1, "--data", data],
+        "compare": ["compare", pg1, pg1],
+        "bench": ["bench", pg1, "--new-tokens", "2", "--repeat", "1"],
+        "serve": ["serve", pg1, "--port", "9"],  # refused before any socket is opened
+    }[command]
+    out = run_cli(*args, "--provider", "cuda")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "not CUDAExecutionProvider" in lines[-1] and "paligemma-edge[gpu]" in lines[-1], out.stderr
+    if command == "run":
+        assert run_cli(*args, "--provider", "cpu").returncode == 0

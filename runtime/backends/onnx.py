@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from .. import export_format as fmt
 from ..backend import DecoderChunk
-from ..errors import CorruptExportError, ImageError
+from ..errors import CorruptExportError, ImageError, ProviderUnavailableError
 from ..export_format import Manifest
 from ..masks import TokenLayout, make_attn_mask, place_in_buffer, restrict_to_window
 from .kv_buffers import KVBuffers
@@ -36,6 +36,25 @@ def use_shared_cpu_arena(session_options: ort.SessionOptions) -> None:
     session_options.add_session_config_entry("session.use_env_allocators", "1")
 
 
+def checked_providers(providers: Sequence | None) -> list:
+    """``providers`` (names or (name, options) pairs; None: CPU) if this onnxruntime offers each of them.
+    onnxruntime itself would warn and fall back to the CPU: a CUDA run that silently is not one."""
+    providers = list(providers or ["CPUExecutionProvider"])
+    available = ort.get_available_providers()
+    missing = [p for p in providers if (p if isinstance(p, str) else p[0]) not in available]
+    if missing:
+        names = [p if isinstance(p, str) else p[0] for p in missing]
+        hint = (
+            " For CUDA: pip install 'paligemma-edge[gpu]' (README, \"On a GPU\")."
+            if "CUDAExecutionProvider" in names
+            else ""
+        )
+        raise ProviderUnavailableError(
+            f"onnxruntime {ort.__version__} here offers {', '.join(available)}, not {', '.join(names)}.{hint}"
+        )
+    return providers
+
+
 def long_context(manifest: Manifest, options: OnnxOptions) -> bool:
     """896 px with the arena on: the vision call and long prefills hand memory back, sessions share one arena."""
     return manifest.num_image_tokens >= LARGE_PREFIX and options.memory_arena is not False
@@ -48,6 +67,7 @@ def open_session(
     session_options.enable_cpu_mem_arena = options.memory_arena is not False
     if shared_arena and session_options.enable_cpu_mem_arena:
         use_shared_cpu_arena(session_options)
+    providers = checked_providers(options.providers)
     if options.threads:
         session_options.intra_op_num_threads = options.threads
     if options.profile_prefix:
@@ -57,7 +77,7 @@ def open_session(
         # Prepacking would copy the tied [hidden, vocab] table next to the one the Gather reads.
         session_options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        return ort.InferenceSession(str(path), session_options, providers=options.providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), session_options, providers=providers)
     except Exception as error:  # onnxruntime raises several unrelated types for a bad file
         raise CorruptExportError(f"onnxruntime cannot load {path}: {error}. Re-run the export.") from error
 

@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 # onnxruntime's arena, onnxruntime hands the decoder's prefill memory back, llama.cpp keeps one sequence
 LARGE_PREFIX = 2048
 
+# `--provider NAME` → onnxruntime's providers, in order of preference (CUDA leaves to the CPU what it lacks)
+EXECUTION_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
 
 @dataclass(frozen=True)
 class OnnxOptions:
