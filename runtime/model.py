@@ -73,6 +73,7 @@ class PaliGemma:
         threads: int | None = None,
         verify_checksums: bool | str = True,
         memory_arena: bool | None = None,
+        device_cache: bool | None = None,
         gpu_layers: int = 0,
         max_sequences: int | None = None,
         context_tokens: int | None = None,
@@ -90,6 +91,9 @@ class PaliGemma:
         free memory back when they end (onnxruntime's arena shrinkage), and a GGUF export's vision graph runs
         without it (benchmarks/RESULTS.md).
 
+        ``device_cache``: the KV cache as onnxruntime values on the provider's device, written in place, so a
+        CUDA decode step moves only its inputs and the last logits (None: on for CUDA, off on the CPU).
+
         GGUF exports (llama.cpp): ``gpu_layers`` layers go to a GPU build's device (-1: all);
         ``max_sequences`` sequences (default 4; 1 at 896 px) can decode together, each with ``context_tokens``
         KV cells; ``cache_type`` ("f32"/"f16") and ``flash_attention`` default to exact (f32, off) for
@@ -99,7 +103,9 @@ class PaliGemma:
         checked_providers(providers)  # before minutes of checksums: a CUDA run that cannot be one says so now
         manifest.verify_files(checksums=verify_checksums)
         options = BackendOptions(
-            onnx=OnnxOptions(providers=providers, threads=threads, memory_arena=memory_arena),
+            onnx=OnnxOptions(
+                providers=providers, threads=threads, memory_arena=memory_arena, device_cache=device_cache
+            ),
             llamacpp=LlamaCppOptions(
                 gpu_layers=gpu_layers,
                 threads=threads,

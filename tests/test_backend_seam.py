@@ -89,12 +89,17 @@ def _interleaved(model: PaliGemma, jobs: list[tuple], join_at: list[int], leave_
     return sequences
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "numpy"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-device-cache", "numpy"])
 def test_sequences_join_and_leave_a_running_batch(pair, images, backend):
     """Continuous batching: a sequence that joins mid-generation, or whose neighbours leave, decodes
-    exactly the tokens of its own single generate() call, without re-running anyone's prefix."""
-    numpy_runtime, onnx_runtime, _ = pair
-    model = onnx_runtime if backend == "onnxruntime" else numpy_runtime
+    exactly the tokens of its own single generate() call, without re-running anyone's prefix. With the cache
+    on the device (rows joining and leaving go through the host) the tokens are the host-array path's."""
+    numpy_runtime, onnx_runtime, exported = pair
+    model = {
+        "onnxruntime": onnx_runtime,
+        "onnxruntime-device-cache": PaliGemma.load(exported.export_dir, device_cache=True),
+        "numpy": numpy_runtime,
+    }[backend]
     jobs = [
         (images[0], "caption en", 20),
         (images[1], "detect house ; car ; sun", 12),  # longer prefix joins later: the batch left-pads
@@ -103,8 +108,9 @@ def test_sequences_join_and_leave_a_running_batch(pair, images, backend):
     ]
     join_at = [0, 3, 3, 9]
     sequences = _interleaved(model, jobs, join_at, leave_early={0: 14})
+    reference = numpy_runtime if backend == "numpy" else onnx_runtime
     for (image, prompt, steps), sequence in zip(jobs[1:], sequences[1:]):
-        expected = model.generate(image, prompt, steps)
+        expected = reference.generate(image, prompt, steps)
         assert sequence.result().token_ids == expected.token_ids, prompt
     stopped = sequences[0].result()
     full = model.generate(images[0], "caption en", 20).token_ids

@@ -9,7 +9,7 @@ import numpy as np
 CAPACITY_BLOCK = 64  # tokens; the buffers are copied once per block, not once per step
 
 
-def _rounded(length: int, block: int) -> int:
+def rounded_capacity(length: int, block: int) -> int:
     return -(-length // block) * block
 
 
@@ -41,7 +41,7 @@ class KVBuffers:
         long prefill's keys/values (PaliGemma2-3B-896: 0.9 GB) never sit in memory twice.
         """
         end = self.length + new[0].shape[2]
-        capacity = _rounded(end, self.block) if end > self.capacity else self.capacity
+        capacity = rounded_capacity(end, self.block) if end > self.capacity else self.capacity
         for i, buffer in enumerate(self.buffers):
             if buffer.shape[2] < capacity:
                 buffer = self.buffers[i] = self._grown(buffer, capacity)
@@ -70,7 +70,7 @@ class KVBuffers:
     def concat(parts: Sequence[KVBuffers]) -> KVBuffers:
         """All parts' rows; each part's slots end at the longest part's length (left padding, zeros)."""
         length = max(part.length for part in parts)
-        capacity = _rounded(max(length, 1), parts[0].block)
+        capacity = rounded_capacity(max(length, 1), parts[0].block)
         merged = []
         for layer in range(len(parts[0].buffers)):
             first = parts[0].buffers[layer]

@@ -14,6 +14,7 @@ from ..backend import DecoderChunk
 from ..errors import CorruptExportError, ImageError, ProviderUnavailableError
 from ..export_format import Manifest
 from ..masks import TokenLayout, make_attn_mask, place_in_buffer, restrict_to_window
+from .device_cache import CacheOps, Device, DeviceKVBuffers
 from .kv_buffers import KVBuffers
 from .options import LARGE_PREFIX, OnnxOptions
 
@@ -146,6 +147,33 @@ def _run_into(
     return returned
 
 
+def _run_on_device(
+    session: ort.InferenceSession,
+    feeds: dict[str, np.ndarray | ort.OrtValue],
+    device_outputs: list[str],
+    device: Device,
+    run_options: ort.RunOptions | None = None,
+) -> tuple[np.ndarray, list[ort.OrtValue]]:
+    """Run with I/O binding: OrtValue feeds are read where they are, ``device_outputs`` stay on ``device``; the
+    logits come back to the host."""
+    binding = session.io_binding()
+    host = {name: np.ascontiguousarray(v) for name, v in feeds.items() if not isinstance(v, ort.OrtValue)}
+    try:
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, host[name])
+        binding.bind_output(fmt.LOGITS, "cpu")
+        for name in device_outputs:
+            binding.bind_output(name, device.kind, device.index)
+        session.run_with_iobinding(binding, run_options)
+        logits, *values = binding.get_outputs()
+        return logits.numpy(), values
+    except Exception as error:  # onnxruntime's own exception types are not importable in a stable way
+        raise _failed("decoder", error) from error
+
+
 class OnnxVision:
     """vision.onnx: pixel values → projected image features."""
 
@@ -182,7 +210,7 @@ class OnnxVision:
 class OnnxCache:
     """The decoder's KV buffers and the flags of the tokens in them (for masks)."""
 
-    def __init__(self, kv: KVBuffers, layout: TokenLayout):
+    def __init__(self, kv: KVBuffers | DeviceKVBuffers, layout: TokenLayout):
         self.kv = kv
         self.layout = layout
 
@@ -202,16 +230,23 @@ class OnnxCache:
 
     def concat(self, others: Sequence[OnnxCache]) -> OnnxCache:
         parts = [self, *others]
-        return OnnxCache(KVBuffers.concat([p.kv for p in parts]), TokenLayout.concat([p.layout for p in parts]))
+        return OnnxCache(type(self.kv).concat([p.kv for p in parts]), TokenLayout.concat([p.layout for p in parts]))
 
 
 class OnnxDecoder:
     """decoder.onnx: a chunk of tokens against the KV buffers → logits at the requested positions."""
 
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest, memory_arena: bool | None = None):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        manifest: Manifest,
+        memory_arena: bool | None = None,
+        cache_ops: CacheOps | None = None,
+    ):
         lm = manifest.language_model
         self.session = session
         self.memory_arena = memory_arena
+        self.cache_ops = cache_ops  # None: the KV cache is host arrays
         self.hidden_size = lm.hidden_size
         self.kv_heads = lm.num_kv_heads
         self.head_dim = lm.head_dim
@@ -243,7 +278,12 @@ class OnnxDecoder:
             path, options, prepack=not entry.tied_table, shared_arena=long_context(manifest, options)
         )
         _check_io(session, entry.inputs, "decoder", path)
-        return cls(session, manifest, options.memory_arena)
+        decoder = cls(session, manifest, options.memory_arena)
+        providers = checked_providers(options.providers)
+        device = Device.of(providers)
+        if options.device_cache or (options.device_cache is None and device.kind != "cpu"):
+            decoder.cache_ops = CacheOps(decoder.cache_dtype, providers, device, options.threads)
+        return decoder
 
     def _run_options(self, num_queries: int) -> ort.RunOptions | None:
         """A long prefill hands its arena memory back to the OS when it ends (onnxruntime's arena shrinkage), so
@@ -253,7 +293,11 @@ class OnnxDecoder:
         return shrink_arena_after()
 
     def new_cache(self, batch_size: int) -> OnnxCache:
-        kv = KVBuffers.empty(len(self.cache_names), batch_size, self.kv_heads, self.head_dim, self.cache_dtype)
+        shape = len(self.cache_names), batch_size, self.kv_heads, self.head_dim
+        if self.cache_ops is None:
+            kv = KVBuffers.empty(*shape, self.cache_dtype)
+        else:
+            kv = DeviceKVBuffers.empty(self.cache_ops, *shape)
         return OnnxCache(kv, TokenLayout.empty(batch_size))
 
     def forward(self, cache: OnnxCache, chunk: DecoderChunk) -> np.ndarray:
@@ -275,11 +319,15 @@ class OnnxDecoder:
         if self.has_sliding:
             window = restrict_to_window(mask, layout.positions, layout.mask_ar, int(self.sliding_window))
             feeds[fmt.SLIDING_ATTENTION_MASK] = place_in_buffer(window, cache.kv.capacity)
-        # this call's keys/values land in arrays of ours, so a long prefill's 0.9 GB of them never enters the arena
-        shape = (batch, self.kv_heads, num_queries, self.head_dim)
-        new_keys_values = [np.empty(shape, self.cache_dtype) for _ in self.new_names]
-        outputs = {fmt.LOGITS: None, **dict(zip(self.new_names, new_keys_values))}
-        logits = _run_into(self.session, feeds, outputs, "decoder", self._run_options(num_queries))
+        run_options = self._run_options(num_queries)
+        if self.cache_ops is not None:  # the cache and this call's keys/values stay on the device
+            device = self.cache_ops.device
+            logits, new_keys_values = _run_on_device(self.session, feeds, self.new_names, device, run_options)
+        else:  # this call's keys/values land in arrays of ours: a long prefill's 0.9 GB never enters the arena
+            shape = (batch, self.kv_heads, num_queries, self.head_dim)
+            new_keys_values = [np.empty(shape, self.cache_dtype) for _ in self.new_names]
+            outputs = {fmt.LOGITS: None, **dict(zip(self.new_names, new_keys_values))}
+            logits = _run_into(self.session, feeds, outputs, "decoder", run_options)
         cache.kv.append(new_keys_values)
         return logits.astype(np.float32, copy=False)
 

@@ -28,6 +28,9 @@ class OnnxOptions:
     threads: int | None = None
     memory_arena: bool | None = None
     profile_prefix: str | None = None  # onnxruntime's profiler on: it writes PREFIX_<date>.json per session
+    # the KV cache as OrtValues on the provider's device, written in place (None: on for CUDA, off for the CPU,
+    # where host arrays are the same memory)
+    device_cache: bool | None = None
 
 
 @dataclass(frozen=True)
