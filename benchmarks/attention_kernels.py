@@ -1,0 +1,158 @@
+"""A decode step's attention over a long cache: fp32 MatMul attention against GroupQueryAttention with an fp32 or
+fp16 cache (what a 16-bit KV cache would cost or save on this CPU).
+
+python -m paligemma_edge.benchmarks.attention_kernels [--keys 262 4110] [--threads 2] [--json]
+
+PaliGemma2-3B shapes: 8 query heads, 4 KV heads, head dim 256, attention softcap 50, 26 layers in one graph, one
+query row. GroupQueryAttention's cache buffers are bound as both past and present (written in place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from statistics import median
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from .machine import cpu_flags, cpu_model
+
+HEADS, KV_HEADS, HEAD_DIM, LAYERS, SOFTCAP = 8, 4, 256, 26, 50.0
+SCALE = HEAD_DIM**-0.5
+
+
+def _model(nodes, inputs, outputs) -> bytes:
+    graph = helper.make_graph(nodes, "attention", inputs, outputs)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def matmul_attention(keys: int) -> tuple[bytes, dict]:
+    """Scores against the cache, softcap, softmax, weights × values: the decoder graph's ops for one row."""
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Constant", [], ["scale"], value=helper.make_tensor("s", f, [], [SCALE])),
+        helper.make_node("Constant", [], ["cap"], value=helper.make_tensor("c", f, [], [SOFTCAP])),
+    ]
+    groups = HEADS // KV_HEADS
+    inputs = [helper.make_tensor_value_info("q", f, [1, KV_HEADS, groups, HEAD_DIM])]
+    outputs = []
+    for i in range(LAYERS):
+        inputs += [helper.make_tensor_value_info(f"{kind}{i}", f, [1, KV_HEADS, keys, HEAD_DIM]) for kind in "kv"]
+        nodes += [
+            helper.make_node("Transpose", [f"k{i}"], [f"kt{i}"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", ["q", f"kt{i}"], [f"s{i}"]),
+            helper.make_node("Mul", [f"s{i}", "scale"], [f"ss{i}"]),
+            helper.make_node("Div", [f"ss{i}", "cap"], [f"d{i}"]),
+            helper.make_node("Tanh", [f"d{i}"], [f"t{i}"]),
+            helper.make_node("Mul", [f"t{i}", "cap"], [f"capped{i}"]),
+            helper.make_node("Softmax", [f"capped{i}"], [f"w{i}"], axis=-1),
+            helper.make_node("MatMul", [f"w{i}", f"v{i}"], [f"o{i}"]),
+        ]
+        outputs.append(helper.make_tensor_value_info(f"o{i}", f, None))
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.normal(size=(1, KV_HEADS, groups, HEAD_DIM)).astype(np.float32)}
+    for i in range(LAYERS):
+        for kind in "kv":
+            feeds[f"{kind}{i}"] = rng.normal(size=(1, KV_HEADS, keys, HEAD_DIM)).astype(np.float32)
+    return _model(nodes, inputs, outputs), feeds
+
+
+def gqa_attention(keys: int, io_dtype, cache_dtype) -> bytes:
+    io, cache = (
+        helper.np_dtype_to_tensor_dtype(np.dtype(io_dtype)),
+        helper.np_dtype_to_tensor_dtype(np.dtype(cache_dtype)),
+    )
+    inputs = [
+        helper.make_tensor_value_info("q", io, [1, 1, HEADS * HEAD_DIM]),
+        helper.make_tensor_value_info("k", io, [1, 1, KV_HEADS * HEAD_DIM]),
+        helper.make_tensor_value_info("v", io, [1, 1, KV_HEADS * HEAD_DIM]),
+        helper.make_tensor_value_info("seqlens", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("total", TensorProto.INT32, []),
+    ]
+    nodes, outputs = [], []
+    for i in range(LAYERS):
+        inputs += [
+            helper.make_tensor_value_info(f"p{kind}{i}", cache, [1, KV_HEADS, keys + 64, HEAD_DIM]) for kind in "kv"
+        ]
+        outputs += [helper.make_tensor_value_info(f"o{i}", io, None)]
+        outputs += [helper.make_tensor_value_info(f"{kind}{i}", cache, None) for kind in "kv"]
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                ["q", "k", "v", f"pk{i}", f"pv{i}", "seqlens", "total"],
+                [f"o{i}", f"k{i}", f"v{i}"],
+                domain="com.microsoft",
+                num_heads=HEADS,
+                kv_num_heads=KV_HEADS,
+                softcap=SOFTCAP,
+                scale=SCALE,
+            )
+        )
+    return _model(nodes, inputs, outputs)
+
+
+def _time(run, repeat: int = 20) -> float:
+    run()
+    run()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def _session(model: bytes, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def measure(keys: int, threads: int) -> dict[str, float]:
+    model, feeds = matmul_attention(keys)
+    session = _session(model, threads)
+    results = {"fp32 MatMul": _time(lambda: session.run(None, feeds))}
+    rng = np.random.default_rng(0)
+    variants = {"GQA fp32": (np.float32, np.float32), "GQA fp16": (np.float16, np.float16)}
+    variants["GQA fp32 Q/K/V, fp16 cache"] = (np.float32, np.float16)
+    for name, (io_dtype, cache_dtype) in variants.items():
+        session = _session(gqa_attention(keys, io_dtype, cache_dtype), threads)
+        binding, buffers = session.io_binding(), []
+        for input_name, size in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)):
+            binding.bind_cpu_input(input_name, rng.normal(size=(1, 1, size * HEAD_DIM)).astype(io_dtype))
+        binding.bind_cpu_input("seqlens", np.array([keys], np.int32))
+        binding.bind_cpu_input("total", np.array(keys + 1, np.int32))
+        for i in range(LAYERS):
+            binding.bind_output(f"o{i}")
+            for kind in "kv":
+                buffer = ort.OrtValue.ortvalue_from_numpy(
+                    rng.normal(size=(1, KV_HEADS, keys + 64, HEAD_DIM)).astype(cache_dtype)
+                )
+                buffers.append(buffer)  # past and present share it: written in place
+                binding.bind_ortvalue_input(f"p{kind}{i}", buffer)
+                binding.bind_ortvalue_output(f"{kind}{i}", buffer)
+        results[name] = _time(lambda s=session, b=binding: s.run_with_iobinding(b))
+    return {name: 1e3 * seconds for name, seconds in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, nargs="+", default=[262, 4110], help="cached tokens")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = [{"keys": keys, "ms": measure(keys, args.threads)} for keys in args.keys]
+    if args.json:
+        machine = {"cpu": cpu_model(), "flags": cpu_flags(), "threads": args.threads, "onnxruntime": ort.__version__}
+        print(json.dumps({"machine": machine, "layers": LAYERS, "results": rows}, indent=1))
+        return
+    for row in rows:
+        print(f"{row['keys']:6d} keys: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in row["ms"].items()))
+
+
+if __name__ == "__main__":
+    main()
