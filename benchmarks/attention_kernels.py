@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from statistics import median
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from .machine import cpu_flags, cpu_model
+from .machine import cpu_flags, cpu_model, run_times
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, SOFTCAP = 8, 4, 256, 26, 50.0
 SCALE = HEAD_DIM**-0.5
@@ -96,14 +95,7 @@ def gqa_attention(keys: int, io_dtype, cache_dtype) -> bytes:
 
 
 def _time(run, repeat: int = 20) -> float:
-    run()
-    run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return median(times)
+    return median(run_times(run, repeat, warmup=2))
 
 
 def _session(model: bytes, threads: int) -> ort.InferenceSession:

@@ -72,14 +72,20 @@ def machine_info(threads: int | None) -> dict:
     }
 
 
-def _best(fn, repeats: int = 5) -> float:
-    fn()
+def run_times(fn, repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Seconds per call of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def _best(fn, repeats: int = 5) -> float:
+    return min(run_times(fn, repeats))
 
 
 def _ort_matmul(m: int, k: int, n: int, threads: int | None):

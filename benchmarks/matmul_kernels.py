@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 from statistics import median
 
@@ -21,7 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from .machine import cpu_flags, cpu_model
+from .machine import cpu_flags, cpu_model, run_times
 
 K, N = 2048, 16384
 NBITS_VARIANTS = [(4, 32, 0), (4, 32, 4), (4, 64, 4), (4, 128, 4), (4, 256, 4), (8, 32, 4), (8, 128, 4)]
@@ -59,13 +58,7 @@ def time_model(model: onnx.ModelProto, activations: np.ndarray, threads: int, re
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    session.run(None, {"a": activations})
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(None, {"a": activations})
-        times.append(time.perf_counter() - start)
-    return median(times)
+    return median(run_times(lambda: session.run(None, {"a": activations}), repeat))
 
 
 def main() -> None:

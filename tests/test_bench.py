@@ -4,6 +4,8 @@ assertions) and the full-size random-checkpoint generator on a scaled-down prese
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -134,3 +136,34 @@ def test_profile_ops_attributes_kernel_time(exports):
         assert rows and sum(r["share"] for r in rows) == pytest.approx(1.0)
         assert {"MatMul", "Gather"} & {r["op"] for r in rows}
     assert "prefill:" in table(report) and isinstance(report["cpu_flags"], list)
+
+
+@pytest.mark.parametrize(
+    "module,args,kernels",
+    [
+        (
+            "matmul_kernels",
+            ["--rows", "4"],
+            {"fp32 MatMul", "int8 quantize_dynamic", "MatMulNBits 4-bit block 256 accuracy 4"},
+        ),
+        ("attention_kernels", ["--keys", "16"], {"fp32 MatMul", "GQA fp32", "GQA fp16", "GQA fp32 Q/K/V, fp16 cache"}),
+    ],
+)
+def test_kernel_benchmarks_run_and_report_their_machine(module, args, kernels):
+    """The scripts behind RESULTS.md's kernel tables (issue 12), at toy sizes: every variant runs on this
+    onnxruntime and the JSON names the CPU."""
+    out = subprocess.run(
+        [sys.executable, "-m", f"paligemma_edge.benchmarks.{module}", *args, "--threads", "1", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["machine"]["cpu"] and isinstance(report["machine"]["flags"], list)
+    if module == "matmul_kernels":
+        measured = {row["kernel"] for row in report["results"]}
+        assert all(row["ms"] > 0 and row["gflops"] > 0 for row in report["results"])
+    else:
+        measured = set(report["results"][0]["ms"])
+        assert all(ms > 0 for ms in report["results"][0]["ms"].values())
+    assert kernels <= measured
