@@ -9,6 +9,7 @@ collapse to one repeated token.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,8 +55,8 @@ class CheckpointShape:
     vocab_size: int | None = None  # > tokenizer size adds padding rows, like HF's 257216 vs 257152
 
 
-def build_tokenizer(base_vocab_size: int | None = None):
-    """A Gemma-like fast tokenizer: BPE over '▁'-marked words, "\\n" a normal piece, the
+def build_tokenizer(base_vocab_size: int | None = None, words: Sequence[str] = _CORPUS_WORDS):
+    """A Gemma-like fast tokenizer: BPE over '▁'-marked ``words``, "\\n" a normal piece, the
     PaliGemma special tokens at the end of the vocabulary and a `<bos>` post-processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -69,7 +70,8 @@ def build_tokenizer(base_vocab_size: int | None = None):
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789▁\n?.,;:'-"),
         show_progress=False,
     )
-    lines = [" ".join(_CORPUS_WORDS[i:] + _CORPUS_WORDS[:i]) for i in range(len(_CORPUS_WORDS))]
+    words = list(words)
+    lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
     tokenizer.train_from_iterator(lines, trainer)
     if base_vocab_size is not None:  # the real id layout: unreachable filler pieces up to 256000
         vocab = tokenizer.get_vocab()

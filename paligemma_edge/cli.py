@@ -240,6 +240,21 @@ def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_shapes(args: argparse.Namespace) -> int:
+    from .export.train_shapes import TrainSettings, train
+
+    settings = TrainSettings(
+        version=args.version,
+        image_size=args.image_size,
+        minutes=args.minutes,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    print(train(settings, args.out_dir, overwrite=args.overwrite))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmarks.bench import plot, run_bench, table
     from .runtime.backends.onnx import checked_providers
@@ -487,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     random_ckpt.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     random_ckpt.add_argument("--overwrite", action="store_true", help=overwrite_help)
     random_ckpt.set_defaults(func=_cmd_random_checkpoint)
+
+    trainer = sub.add_parser("train-shapes", help="train a small PaliGemma on the synthetic shapes tasks (CPU)")
+    trainer.add_argument("out_dir", type=Path, help="the checkpoint directory to write")
+    trainer.add_argument("--version", type=int, choices=[1, 2], default=1, help="1: Gemma decoder, 2: Gemma 2")
+    trainer.add_argument("--image-size", type=int, default=112, help="pixels (a multiple of 14)")
+    trainer.add_argument("--minutes", type=float, default=60.0, help="training time budget")
+    trainer.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
+    trainer.add_argument("--batch-size", type=_positive_int, default=16, help="examples per step")
+    trainer.add_argument("--seed", type=int, default=0, help="weights and data")
+    trainer.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    trainer.set_defaults(func=_cmd_train_shapes)
 
     bench = sub.add_parser("bench", help="latency, memory and roofline per export, against transformers")
     bench.add_argument("export_dirs", type=Path, nargs="+", help="export directories, each measured in its own process")
