@@ -128,6 +128,12 @@ def build(settings: TrainSettings):
     with torch.no_grad():
         positions.weight.copy_(torch.from_numpy(sincos_2d(grid, positions.weight.shape[1])))
     positions.weight.requires_grad_(False)
+    # PaliGemma divides image features by sqrt(hidden) and multiplies text embeddings by it: with the default
+    # init the image tokens are ~hidden× smaller than the text's and a model trained from scratch learns to
+    # ignore them (35 min: the same caption for every image). Start the projector at the text tokens' scale.
+    projector = model.model.multi_modal_projector.linear
+    with torch.no_grad():
+        projector.weight.normal_(0.0, shape.init_std * shape.text_hidden / shape.vision_hidden**0.5)
     image_processor = SiglipImageProcessorPil(size={"height": settings.image_size, "width": settings.image_size})
     image_processor.image_seq_length = grid * grid
     return model, PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
