@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from ..benchmarks.machine import cpu_model
 from ..eval.shapes import COLORS, KINDS, make_scene, scene_examples
 from ..runtime import spec
 from ..runtime.output_dirs import atomic_output_dir
@@ -44,6 +44,12 @@ class TrainSettings:
     text_layers: int = 4
     vision_hidden: int = 192
     vision_layers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.image_size % spec.PATCH_SIZE:
+            raise ValueError(f"image_size must be a positive multiple of {spec.PATCH_SIZE}, got {self.image_size}")
+        if self.minutes <= 0:
+            raise ValueError(f"minutes must be positive, got {self.minutes}")
 
     def checkpoint_shape(self) -> CheckpointShape:
         return CheckpointShape(
@@ -186,7 +192,7 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
         "seconds": round(seconds, 1),
         "final_loss_mean_of_last_50": float(np.mean(losses[-50:])) if losses else math.nan,
         "loss_every_50_steps": [round(float(np.mean(losses[i : i + 50])), 4) for i in range(0, len(losses), 50)],
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads()},
         "torch": torch.__version__,
     }
     with atomic_output_dir(out_dir, overwrite) as work:

@@ -384,6 +384,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _patch_multiple(text: str) -> int:
+    from .runtime.spec import PATCH_SIZE
+
+    value = _positive_int(text)
+    if value % PATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be a multiple of the {PATCH_SIZE}-pixel patch, got {text}")
+    return value
+
+
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens",
@@ -506,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainer = sub.add_parser("train-shapes", help="train a small PaliGemma on the synthetic shapes tasks (CPU)")
     trainer.add_argument("out_dir", type=Path, help="the checkpoint directory to write")
     trainer.add_argument("--version", type=int, choices=[1, 2], default=1, help="1: Gemma decoder, 2: Gemma 2")
-    trainer.add_argument("--image-size", type=int, default=112, help="pixels (a multiple of 14)")
-    trainer.add_argument("--minutes", type=float, default=60.0, help="training time budget")
+    trainer.add_argument("--image-size", type=_patch_multiple, default=112, help="pixels (a multiple of 14)")
+    trainer.add_argument("--minutes", type=_positive_float, default=60.0, help="training time budget")
     trainer.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
     trainer.add_argument("--batch-size", type=_positive_int, default=16, help="examples per step")
     trainer.add_argument("--seed", type=int, default=0, help="weights and data")

@@ -86,10 +86,10 @@ class PaliGemma:
         cache), "full" every time, False only sizes.
 
         ``memory_arena=False`` returns onnxruntime's activation memory to the OS after each call (lower peak RSS,
-        slower calls). None: on — one arena shared by the process's sessions, grown by exactly what a call asks
-        for; at 896 px the vision call and a prefill of 2,048 tokens or more hand the arena's
-        free memory back when they end (onnxruntime's arena shrinkage), and a GGUF export's vision graph runs
-        without it (benchmarks/RESULTS.md).
+        slower calls). None: on; at 896 px the vision and decoder sessions share one arena grown by exactly
+        what a call asks for, the vision call and a prefill of 2,048 tokens or more hand its free memory back
+        when they end (onnxruntime's arena shrinkage), and a GGUF export's vision graph runs without it
+        (benchmarks/RESULTS.md).
 
         ``device_cache``: the KV cache as onnxruntime values on the provider's device, written in place, so a
         CUDA decode step moves only its inputs and the last logits (None: on for CUDA, off on the CPU).

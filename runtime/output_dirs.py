@@ -77,17 +77,20 @@ def storage_full_as_typed_error(work: str | Path, target: str | Path) -> Iterato
     that says how much was written and how much is free; any other error passes through unchanged."""
     try:
         yield
-    except OSError as error:
-        if error.errno not in STORAGE_FULL_ERRNOS:
+    except (OSError, StorageFullError) as error:
+        # a StorageFullError here came from an output nested inside ``work`` (a scratch step): the user's
+        # output is ``target``, so the message names it
+        cause = error.__cause__ if isinstance(error, StorageFullError) else error
+        if not isinstance(cause, OSError) or cause.errno not in STORAGE_FULL_ERRNOS:
             raise
         work = Path(work)
         written = _tree_bytes(work) if work.is_dir() else 0
         free = shutil.disk_usage(work if work.exists() else work.parent).free
         raise StorageFullError(
-            f"writing {target} stopped: {os.strerror(error.errno)} after {written / 1e9:.2f} GB "
+            f"writing {target} stopped: {os.strerror(cause.errno)} after {written / 1e9:.2f} GB "
             f"({free / 1e9:.2f} GB free on that file system); nothing was left at {target}. Free some space "
             "(or choose an output on another disk) and run the command again."
-        ) from error
+        ) from cause
 
 
 def publish_dir(work: str | Path, target: str | Path, overwrite: bool = False) -> Path:

@@ -153,6 +153,25 @@ def test_running_out_of_room_is_one_line_and_leaves_nothing(source, tmp_path):
     assert not target.exists() and leftovers(tmp_path) == []
 
 
+def test_running_out_of_room_in_a_scratch_step_names_the_users_output(tmp_path):
+    """`export --quant` writes its fp32 export into a scratch directory inside the output's: a full disk there is
+    reported for the output the user named, not for the scratch path."""
+    import errno
+
+    from paligemma_edge.runtime.errors import StorageFullError
+    from paligemma_edge.runtime.output_dirs import atomic_output_dir, storage_full_as_typed_error
+
+    scratch = tmp_path / ".out.partial-x"
+    scratch.mkdir()
+    outer, inner = storage_full_as_typed_error(scratch, tmp_path / "out"), atomic_output_dir(scratch / "fp32")
+    with pytest.raises(StorageFullError) as caught, outer, inner:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    message = str(caught.value)
+    assert message.startswith(f"writing {tmp_path / 'out'} stopped: No space left on device after")
+    assert "partial" not in message and caught.value.__cause__.errno == errno.ENOSPC
+    assert not (scratch / "fp32").exists()
+
+
 def test_a_failed_export_appears_nowhere(exports, tmp_path, monkeypatch):
     from paligemma_edge.export import exporter
 

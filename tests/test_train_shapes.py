@@ -31,6 +31,20 @@ def test_training_examples_are_prompts_and_targets_in_paligemma_formats():
             assert "<loc" not in target
 
 
+def test_settings_a_user_can_get_wrong_are_refused(tmp_path):
+    from paligemma_edge.export.train_shapes import TrainSettings
+
+    from .conftest import run_cli
+
+    for wrong in ({"image_size": 100}, {"image_size": 0}, {"minutes": 0}):
+        with pytest.raises(ValueError):
+            TrainSettings(**wrong)
+    for args in (["--image-size", "100"], ["--minutes", "-1"]):
+        out = run_cli("train-shapes", tmp_path / "out", *args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr and "must be" in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_sincos_positions_separate_rows_and_columns():
     table = sincos_2d(8, 48)
     assert table.shape == (64, 48) and len({row.tobytes() for row in table}) == 64
@@ -48,6 +62,7 @@ def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, 
     checkpoint = train(smoke_settings(version), tmp_path / "trained", progress=False)
     record = json.loads((checkpoint / "training.json").read_text())
     assert record["steps"] == 3 and np.isfinite(record["final_loss_mean_of_last_50"])
+    assert record["machine"]["cpu"] not in ("", "x86_64")  # the CPU's model name, as bench records it
     assert record["settings"]["version"] == version and not (checkpoint / "paligemma_edge_random.json").exists()
     manifest = export_model(checkpoint, tmp_path / "export")
     assert manifest.model_type == ("paligemma" if version == 1 else "paligemma2")

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .kv_buffers import CAPACITY_BLOCK, KVBuffers, rounded_capacity
+from .options import provider_name
 
 _GRAPH_SUFFIX = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}
 
@@ -32,8 +33,8 @@ class Device:
     def of(cls, providers: Sequence) -> Device:
         """The device of the first provider (names or (name, options) pairs)."""
         first = providers[0] if providers else "CPUExecutionProvider"
-        name, options = (first, {}) if isinstance(first, str) else first
-        if name == "CUDAExecutionProvider":
+        if provider_name(first) == "CUDAExecutionProvider":
+            options = {} if isinstance(first, str) else first[1]
             return cls("cuda", int(options.get("device_id", 0)))
         return cls()
 

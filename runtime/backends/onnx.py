@@ -16,7 +16,7 @@ from ..export_format import Manifest
 from ..masks import TokenLayout, make_attn_mask, place_in_buffer, restrict_to_window
 from .device_cache import CacheOps, Device, DeviceKVBuffers
 from .kv_buffers import KVBuffers
-from .options import LARGE_PREFIX, OnnxOptions
+from .options import LARGE_PREFIX, OnnxOptions, provider_name
 
 ARENA_SAME_AS_REQUESTED = 1  # onnxruntime's ArenaExtendStrategy::kSameAsRequested
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -42,9 +42,8 @@ def checked_providers(providers: Sequence | None) -> list:
     onnxruntime itself would warn and fall back to the CPU: a CUDA run that silently is not one."""
     providers = list(providers or ["CPUExecutionProvider"])
     available = ort.get_available_providers()
-    missing = [p for p in providers if (p if isinstance(p, str) else p[0]) not in available]
-    if missing:
-        names = [p if isinstance(p, str) else p[0] for p in missing]
+    names = [provider_name(p) for p in providers if provider_name(p) not in available]
+    if names:
         hint = (
             " For CUDA: pip install 'paligemma-edge[gpu]' (README, \"On a GPU\")."
             if "CUDAExecutionProvider" in names

@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 # onnxruntime's arena, onnxruntime hands the decoder's prefill memory back, llama.cpp keeps one sequence
 LARGE_PREFIX = 2048
 
+
+def provider_name(provider: str | tuple) -> str:
+    """An onnxruntime provider entry is a name or a (name, options) pair."""
+    return provider if isinstance(provider, str) else provider[0]
+
+
 # `--provider NAME` → onnxruntime's providers, in order of preference (CUDA leaves to the CPU what it lacks)
 EXECUTION_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
