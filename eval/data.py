@@ -6,7 +6,9 @@
     {"image": "img/1.png", "prompt": "segment circle", "masks": [{"label": "circle", "mask": COCO RLE}]}
 
 Image paths are relative to the file (or absolute); boxes are pixels of the image; masks are COCO uncompressed
-RLE (``{"size": [height, width], "counts": [...]}``, as `DetectedObject.to_dict` writes them).
+RLE (``{"size": [height, width], "counts": [...]}``, as `DetectedObject.to_dict` writes them). An optional
+"task" names the group an example is scored in (e.g. "count" and "color" for two kinds of `answer en` question);
+without it examples are grouped by their task prefix.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Example:
     answers: list[str] = field(default_factory=list)
     boxes: list[tuple[str, tuple[float, float, float, float]]] | None = None
     masks: list[tuple[str, np.ndarray]] | None = None
+    task: str | None = None  # the group it is scored in; None: its task prefix
 
     @property
     def kind(self) -> str:
@@ -96,7 +99,10 @@ def parse_example(data: Any, line: int, root: Path) -> Example:
     path = Path(image) if Path(image).is_absolute() else root / image
     if not path.is_file():
         raise _fail(line, f"image {path} does not exist")
-    example = Example(line, path, prompt)
+    task = data.get("task")
+    if task is not None and (not isinstance(task, str) or not task.strip()):
+        raise _fail(line, '"task" (optional) must be a non-empty string naming the group the example is scored in')
+    example = Example(line, path, prompt, task=task)
     if "answer" in data or "answers" in data:
         answers = [data["answer"]] if "answer" in data else data["answers"]
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):

@@ -14,6 +14,9 @@ from .data import Example
 
 
 def task_name(example: Example) -> str:
+    """The group an example is scored in: its "task" field, else its task prefix."""
+    if example.task:
+        return example.task
     task = tasks.task_of(example.prompt)
     return task.prefix if task else "free text"
 

@@ -18,6 +18,8 @@ from ..runtime.output_dirs import atomic_output_dir
 from ..runtime.outputs import mask_to_rle
 
 SIZE = 224
+HELDOUT_SEED, HELDOUT_SCENES = 1000, 60  # the shipped held-out set: a seed training never draws from
+HELDOUT_SET = Path(__file__).parent / "data" / "shapes-heldout" / "data.jsonl"
 COLORS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 195, 30)}
 KINDS = ("circle", "square", "triangle")
 SIDE_RANGE = (0.20, 0.45)  # bounding-box side as a share of the image side
@@ -86,20 +88,28 @@ def scene_examples(image_name: str, shapes: list[Shape], rng: np.random.Generato
 
     target = shapes[int(rng.integers(len(shapes)))]
     examples = [
-        {"image": image_name, "prompt": "caption en", "answer": caption(shapes)},
-        {"image": image_name, "prompt": "answer en how many shapes are there ?", "answer": str(len(shapes))},
+        {"image": image_name, "task": "caption", "prompt": "caption en", "answer": caption(shapes)},
         {
             "image": image_name,
+            "task": "count",
+            "prompt": "answer en how many shapes are there ?",
+            "answer": str(len(shapes)),
+        },
+        {
+            "image": image_name,
+            "task": "detect",
             "prompt": f"detect {target.label}",
             "boxes": boxes([s for s in shapes if s.label == target.label], lambda s: s.label),
         },
         {
             "image": image_name,
+            "task": "detect",
             "prompt": f"detect {target.kind}",
             "boxes": boxes([s for s in shapes if s.kind == target.kind], lambda s: s.kind),
         },
         {
             "image": image_name,
+            "task": "segment",
             "prompt": f"segment {target.label}",
             "masks": [{"label": s.label, "mask": mask_to_rle(s.mask())} for s in shapes if s.label == target.label],
         },
@@ -109,13 +119,15 @@ def scene_examples(image_name: str, shapes: list[Shape], rng: np.random.Generato
     if unique:
         kind = unique[int(rng.integers(len(unique)))]
         color = next(s.color for s in shapes if s.kind == kind)
-        examples.append({"image": image_name, "prompt": f"answer en what color is the {kind} ?", "answer": color})
+        question = f"answer en what color is the {kind} ?"
+        examples.append({"image": image_name, "task": "color", "prompt": question, "answer": color})
     present = sorted(set(kinds))
     if len(present) >= 2:
         pair = [present[i] for i in sorted(rng.choice(len(present), 2, replace=False))]
         examples.append(
             {
                 "image": image_name,
+                "task": "detect",
                 "prompt": f"detect {pair[0]} ; {pair[1]}",
                 "boxes": boxes([s for p in pair for s in shapes if s.kind == p], lambda s: s.kind),
             }

@@ -16,17 +16,23 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from ..benchmarks.machine import cpu_model
-from ..eval.shapes import COLORS, KINDS, make_scene, scene_examples
+from ..eval.shapes import COLORS, KINDS, SIZE, Shape, make_scene, scene_examples
 from ..runtime import spec
 from ..runtime.output_dirs import atomic_output_dir
 from .random_checkpoint import CheckpointShape, build_tokenizer, paligemma_config
+from .shapes_vqvae import MaskEncoder, VQVAESettings, save_vqvae, train_vqvae
 
+PATCH_CLASSES = tuple(f"{color} {kind}" for color in COLORS for kind in KINDS)
 TASK_WORDS = ("caption en", "answer en how many shapes are there ?", "what color is the", "detect", "and", "a")
 TRAINED_MARKER = "training.json"
+LOOK_CHECK_STREAM = 1  # the look check's examples: another random stream than training's, same seed
+VQVAE_FILE = "vae-oid.npz"  # the masks' VQ-VAE, next to the weights
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,12 @@ class TrainSettings:
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     loc_weight: float = 4.0  # loss weight of <loc> target tokens against 1 for the rest
+    loc_sigma: float = 8.0  # <loc> targets: a Gaussian over the bins, this wide (0: the exact bin only)
+    look_first_steps: int = 300  # answers and captions only at first, so the model learns to use the image
+    patch_loss_weight: float = 1.0  # the vision tower's per-patch class and box loss (0: none)
+    segment: bool = True  # train `segment` too (a VQ-VAE for the masks is trained first)
+    look_check_every: int = 500  # steps between look checks (loss with real vs shuffled images, training.json)
+    threads: int | None = None  # torch threads (None: torch's default)
     seed: int = 0
     text_hidden: int = 256
     text_layers: int = 4
@@ -50,6 +62,8 @@ class TrainSettings:
             raise ValueError(f"image_size must be a positive multiple of {spec.PATCH_SIZE}, got {self.image_size}")
         if self.minutes <= 0:
             raise ValueError(f"minutes must be positive, got {self.minutes}")
+        if self.look_check_every <= 0:
+            raise ValueError(f"look_check_every must be positive, got {self.look_check_every}")
 
     def checkpoint_shape(self) -> CheckpointShape:
         return CheckpointShape(
@@ -70,31 +84,83 @@ class TrainSettings:
         )
 
 
-def loc_target(boxes: list[dict], size: int) -> str:
-    """`detect` target: per box four `<loc>` tokens (y_min, x_min, y_max, x_max of a size×size image) + label."""
+def loc_tokens(box: tuple[int, ...] | list[int], size: int) -> str:
+    """Four `<loc>` tokens for a pixel box (x0, y0, x1, y1) of a size×size image: y_min, x_min, y_max, x_max."""
 
     def bin_of(value: float) -> str:
         return spec.loc_token(min(spec.NUM_LOC_TOKENS - 1, max(0, round(value / size * spec.LOC_DIVISOR_HF))))
 
+    x0, y0, x1, y1 = box
+    return "".join(bin_of(v) for v in (y0, x0, y1, x1))
+
+
+def loc_target(boxes: list[dict], size: int) -> str:
+    """`detect` target: per box its four `<loc>` tokens and its label, objects joined by " ; "."""
+    return spec.OBJECT_SEPARATOR.join(f"{loc_tokens(item['box'], size)} {item['label']}" for item in boxes)
+
+
+def segment_target(shapes: list[Shape], encoder: MaskEncoder, size: int) -> str:
+    """`segment` target: per shape its four `<loc>` tokens, 16 `<seg>` codes of its box crop, and its label."""
     objects = []
-    for item in boxes:
-        x0, y0, x1, y1 = item["box"]
-        objects.append("".join(bin_of(v) for v in (y0, x0, y1, x1)) + " " + item["label"])
+    for shape in shapes:
+        locs = loc_tokens(shape.box, size)
+        codes = "".join(spec.seg_token(code) for code in encoder.encode_shape(shape))
+        objects.append(f"{locs}{codes} {shape.label}")
     return spec.OBJECT_SEPARATOR.join(objects)
 
 
-def training_examples(rng: np.random.Generator, count: int) -> list[tuple]:
-    """``count`` (image, prompt, target) triples from fresh scenes, segmentation left out (no VQ-VAE yet)."""
+class TrainingExample(NamedTuple):
+    image: Image.Image
+    prompt: str
+    target: str
+    shapes: list[Shape]  # the whole scene, for the vision tower's per-patch targets
+
+
+def training_examples(
+    rng: np.random.Generator, count: int, encoder: MaskEncoder | None = None, look_only: bool = False
+) -> list[TrainingExample]:
+    """``count`` examples from fresh scenes; `segment` ones only with an ``encoder``; ``look_only``: captions
+    and answers only (the curriculum's first steps)."""
     examples = []
     while len(examples) < count:
         image, shapes = make_scene(rng)
         for example in scene_examples("", shapes, rng):
+            if look_only and "answer" not in example:
+                continue
             if "answer" in example:
-                examples.append((image, example["prompt"], example["answer"]))
+                examples.append(TrainingExample(image, example["prompt"], example["answer"], shapes))
             elif "boxes" in example:
-                examples.append((image, example["prompt"], loc_target(example["boxes"], image.width)))
+                target = loc_target(example["boxes"], image.width)
+                examples.append(TrainingExample(image, example["prompt"], target, shapes))
+            elif encoder is not None:
+                label = example["prompt"].removeprefix("segment ")
+                target = segment_target([s for s in shapes if s.label == label], encoder, image.width)
+                examples.append(TrainingExample(image, example["prompt"], target, shapes))
     order = rng.permutation(len(examples))[:count]
     return [examples[i] for i in order]
+
+
+def patch_targets(shapes: list[Shape], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense targets for the vision tower, per patch of a grid×grid image: the class of the shape covering at
+    least a quarter of it (0: background, else 1 + PATCH_CLASSES' index) and that shape's box (x0, y0, x1, y1)
+    as shares of the image side (zeros on background)."""
+    classes = np.zeros(grid * grid, np.int64)
+    boxes = np.zeros((grid * grid, 4), np.float32)
+    if not shapes:
+        return classes, boxes
+    cover = np.stack([np.asarray(_coverage(shape, grid)).reshape(-1) for shape in shapes])
+    owner = cover.argmax(0)
+    for patch in np.flatnonzero(cover.max(0) >= 0.25):
+        shape = shapes[owner[patch]]
+        classes[patch] = 1 + PATCH_CLASSES.index(shape.label)
+        boxes[patch] = np.asarray(shape.box, np.float32) / SIZE
+    return classes, boxes
+
+
+def _coverage(shape: Shape, grid: int) -> Image.Image:
+    """The share of each of grid×grid cells the shape covers (a box-filtered resize of its mask)."""
+    mask = Image.fromarray(shape.mask().astype(np.float32), mode="F")
+    return mask.resize((grid, grid), Image.Resampling.BOX)
 
 
 def sincos_2d(grid: int, dim: int) -> np.ndarray:
@@ -110,13 +176,49 @@ def sincos_2d(grid: int, dim: int) -> np.ndarray:
     return np.pad(table, ((0, 0), (0, dim - table.shape[1]))).astype(np.float32)
 
 
-def _weighted_loss(logits, labels, loc_ids, loc_weight: float):
+def example_loss(logits, labels, loc_ids, settings: TrainSettings):
+    """Mean over examples of each example's weighted mean token loss (so long `detect` targets do not drown the
+    one-word answers that teach the model to look). `<loc>` targets are Gaussians over the bins (``loc_sigma``):
+    a box off by a few bins is nearly right, and the loss says so."""
     import torch
 
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    weights = torch.where(torch.isin(labels, loc_ids), loc_weight, 1.0) * (labels != -100)
-    return (losses * weights).sum() / weights.sum()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    valid = labels != -100
+    token_loss = -log_probs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    is_loc = torch.isin(labels, loc_ids)
+    if settings.loc_sigma > 0:
+        bins = torch.arange(len(loc_ids), dtype=torch.float32)
+        target_bin = (labels - loc_ids[0]).clamp(0, len(loc_ids) - 1).float()[..., None]
+        soft = torch.softmax(-((bins - target_bin) ** 2) / (2 * settings.loc_sigma**2), dim=-1)
+        token_loss = torch.where(is_loc, -(soft * log_probs[..., loc_ids]).sum(-1), token_loss)
+    weights = torch.where(is_loc, settings.loc_weight, 1.0) * valid
+    per_example = (token_loss * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return per_example[valid.any(1)].mean()
+
+
+def patch_loss(features, classes, boxes):
+    """The vision tower's dense auxiliary loss: per patch, cross-entropy of its class ([B, N] targets from
+    `patch_targets`) plus 10 × the L1 error of its shape's box on shape patches. ``features`` [B, N, 1 + C + 4]
+    come from a linear head on the tower's output that is trained with the model and not saved."""
+    import torch
+
+    num_classes = 1 + len(PATCH_CLASSES)
+    loss = torch.nn.functional.cross_entropy(features[..., :num_classes].flatten(0, 1), classes.flatten())
+    on_shape = classes > 0
+    if on_shape.any():
+        loss = loss + 10 * torch.nn.functional.l1_loss(features[..., num_classes:][on_shape], boxes[on_shape])
+    return loss
+
+
+def smooth_loc_embeddings(num_bins: int, width: int, norm: float, seed: int = 0) -> np.ndarray:
+    """[num_bins, width] rows that vary smoothly with the bin (sin/cos of 8 octaves, randomly projected), each of
+    norm ``norm``: neighbouring `<loc>` tokens start close, in the input table and in the tied output head."""
+    position = np.arange(num_bins)[:, None] / num_bins
+    octaves = np.pi * 2.0 ** np.arange(8)
+    features = np.concatenate([np.sin(position * octaves), np.cos(position * octaves)], axis=1)
+    table = features @ np.random.default_rng(seed).standard_normal((features.shape[1], width))
+    return (table / np.linalg.norm(table, axis=1, keepdims=True) * norm).astype(np.float32)
 
 
 def build(settings: TrainSettings):
@@ -134,68 +236,127 @@ def build(settings: TrainSettings):
     with torch.no_grad():
         positions.weight.copy_(torch.from_numpy(sincos_2d(grid, positions.weight.shape[1])))
     positions.weight.requires_grad_(False)
-    # PaliGemma divides image features by sqrt(hidden) and multiplies text embeddings by it: with the default
-    # init the image tokens are ~hidden× smaller than the text's and a model trained from scratch learns to
-    # ignore them (35 min: the same caption for every image). Start the projector at the text tokens' scale.
+    # transformers scales the text embeddings by sqrt(hidden), not the image features. Measured (100-second runs,
+    # answers only): with the default projector init the loss with shuffled images still equalled the real one at
+    # 300 steps; with this one (image tokens ~16× the text tokens' size) it was 3× higher — the model looks.
     projector = model.model.multi_modal_projector.linear
     with torch.no_grad():
         projector.weight.normal_(0.0, shape.init_std * shape.text_hidden / shape.vision_hidden**0.5)
+    embeddings = model.model.language_model.embed_tokens.weight
+    loc_ids = tokenizer.convert_tokens_to_ids([spec.loc_token(i) for i in range(spec.NUM_LOC_TOKENS)])
+    with torch.no_grad():
+        table = smooth_loc_embeddings(len(loc_ids), embeddings.shape[1], float(embeddings.norm(dim=1).median()))
+        embeddings[loc_ids] = torch.from_numpy(table)
     image_processor = SiglipImageProcessorPil(size={"height": settings.image_size, "width": settings.image_size})
     image_processor.image_seq_length = grid * grid
     return model, PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def model_inputs(processor, examples: list[TrainingExample]):
+    """(inputs, labels) of a batch: the processor's prefix-LM layout, loss on the suffix only."""
+    inputs = processor(
+        images=[example.image for example in examples],
+        text=[spec.IMAGE_TOKEN + example.prompt for example in examples],
+        suffix=[example.target for example in examples],
+        return_tensors="pt",
+        padding="longest",
+    )
+    return inputs, inputs.pop("labels")
+
+
+class LookCheck:
+    """A fixed batch of unseen examples, scored with their own images and with each row given another row's
+    image: equal losses mean the model ignores the image (what the first runs did)."""
+
+    def __init__(self, processor, encoder: MaskEncoder | None, seed: int, count: int = 64):
+        examples = training_examples(np.random.default_rng([seed, LOOK_CHECK_STREAM]), count, encoder)
+        self.inputs, self.labels = model_inputs(processor, examples)
+
+    def losses(self, model, loc_ids, settings: TrainSettings) -> dict[str, float]:
+        import torch
+
+        shuffled = dict(self.inputs, pixel_values=torch.roll(self.inputs["pixel_values"], 1, dims=0))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            real = example_loss(model(**self.inputs).logits, self.labels, loc_ids, settings).item()
+            other = example_loss(model(**shuffled).logits, self.labels, loc_ids, settings).item()
+        model.train(was_training)
+        return {"loss": round(real, 4), "loss_shuffled_images": round(other, 4)}
+
+
 def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train until ``minutes`` (or ``max_steps``) and write the checkpoint to OUT (whole, or not at all)."""
+    """Train (the VQ-VAE first, then the model) until ``minutes`` in all, or ``max_steps``; write the checkpoint
+    and its `vae-oid.npz` to OUT (whole, or not at all)."""
     import torch
     from tqdm import tqdm
 
-    model, processor = build(settings)
-    model.train()
-    loc_ids = torch.tensor(
-        processor.tokenizer.convert_tokens_to_ids([spec.loc_token(i) for i in range(spec.NUM_LOC_TOKENS)])
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.01)
-    warmup = max(1, settings.warmup_steps)
-    rng = np.random.default_rng(settings.seed)
-    start, step, losses = time.perf_counter(), 0, []
-    budget = settings.minutes * 60
-    bar = tqdm(total=settings.max_steps, desc="train", unit="step", disable=not progress)
-    while (settings.max_steps is None or step < settings.max_steps) and time.perf_counter() - start < budget:
-        images, prompts, targets = zip(*training_examples(rng, settings.batch_size))
-        inputs = processor(
-            images=list(images),
-            text=[spec.IMAGE_TOKEN + prompt for prompt in prompts],
-            suffix=list(targets),
-            return_tensors="pt",
-            padding="longest",
-        )
-        labels = inputs.pop("labels")
-        for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * min(1.0, (step + 1) / warmup)
-        loss = _weighted_loss(model(**inputs).logits, labels, loc_ids, settings.loc_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    bar.close()
-    seconds = time.perf_counter() - start
-    model.eval()
-    record = {
-        "settings": asdict(settings),
-        "steps": step,
-        "seconds": round(seconds, 1),
-        "final_loss_mean_of_last_50": float(np.mean(losses[-50:])) if losses else math.nan,
-        "loss_every_50_steps": [round(float(np.mean(losses[i : i + 50])), 4) for i in range(0, len(losses), 50)],
-        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads()},
-        "torch": torch.__version__,
-    }
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    start = time.perf_counter()
     with atomic_output_dir(out_dir, overwrite) as work:
+        encoder, vqvae = None, None
+        if settings.segment:
+            vqvae = VQVAESettings(seed=settings.seed, steps=settings.max_steps or VQVAESettings.steps)
+            encoder = MaskEncoder(save_vqvae(train_vqvae(vqvae, progress), vqvae, work / VQVAE_FILE))
+        vqvae_seconds = time.perf_counter() - start
+        model, processor = build(settings)
+        model.train()
+        loc_ids = torch.tensor(
+            processor.tokenizer.convert_tokens_to_ids([spec.loc_token(i) for i in range(spec.NUM_LOC_TOKENS)])
+        )
+        grid = settings.image_size // spec.PATCH_SIZE
+        patch_head = torch.nn.Linear(settings.vision_hidden, 1 + len(PATCH_CLASSES) + 4)
+        tower_output = {}
+        model.model.vision_tower.register_forward_hook(
+            lambda module, args, output: tower_output.update(features=output.last_hidden_state)
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad] + list(patch_head.parameters())
+        optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.01)
+        warmup = max(1, settings.warmup_steps)
+        rng = np.random.default_rng(settings.seed)
+        look_check, look_checks = LookCheck(processor, encoder, settings.seed), []
+        step, losses = 0, []
+        budget = settings.minutes * 60
+        bar = tqdm(total=settings.max_steps, desc="train", unit="step", disable=not progress)
+        while (settings.max_steps is None or step < settings.max_steps) and time.perf_counter() - start < budget:
+            look_only = step < settings.look_first_steps
+            examples = training_examples(rng, settings.batch_size, encoder, look_only)
+            inputs, labels = model_inputs(processor, examples)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.learning_rate * min(1.0, (step + 1) / warmup)
+            loss = example_loss(model(**inputs).logits, labels, loc_ids, settings)
+            if settings.patch_loss_weight:
+                classes, boxes = zip(*(patch_targets(example.shapes, grid) for example in examples))
+                dense = patch_head(tower_output["features"])
+                dense_loss = patch_loss(dense, torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(boxes)))
+                loss = loss + settings.patch_loss_weight * dense_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            if step % settings.look_check_every == 0:
+                look_checks.append({"step": step, **look_check.losses(model, loc_ids, settings)})
+            bar.update()
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        look_checks.append({"step": step, **look_check.losses(model, loc_ids, settings)})
+        model.eval()
+        record = {
+            "settings": asdict(settings),
+            "vqvae": asdict(vqvae) if vqvae else None,
+            "vqvae_seconds": round(vqvae_seconds, 1),
+            "steps": step,
+            "seconds": round(seconds, 1),
+            "final_loss_mean_of_last_50": float(np.mean(losses[-50:])) if losses else math.nan,
+            "look_check": look_checks,
+            "loss_every_50_steps": [round(float(np.mean(losses[i : i + 50])), 4) for i in range(0, len(losses), 50)],
+            "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads()},
+            "torch": torch.__version__,
+        }
         model.save_pretrained(work)
         processor.save_pretrained(work)
         (work / TRAINED_MARKER).write_text(json.dumps(record, indent=2) + "\n")

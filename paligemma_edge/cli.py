@@ -161,13 +161,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     images = read_images(args.images) if args.images else default_images()
     prompt_list = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+    if (args.data or args.limit) and not args.sweep:
+        raise PaliGemmaEdgeError(
+            "--data/--limit apply to --sweep; to score one export: paligemma-edge eval EXPORT --data FILE.jsonl"
+        )
     if args.sweep:
         import tempfile
 
+        from .eval.data import read_examples
         from .quant.sweep import run_sweep, sweep_table
 
+        examples = read_examples(args.data)[: args.limit] if args.data else None  # bad lines fail first
         with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
-            rows = run_sweep(args.ref_dir, Path(work), images, prompt_list, args.block_size or 32, not args.asymmetric)
+            rows = run_sweep(
+                args.ref_dir, Path(work), images, prompt_list, args.block_size or 32, not args.asymmetric, examples
+            )
         print(json.dumps(rows, indent=2) if args.json else sweep_table(rows))
         return 0
     if args.quant_dir is None:
@@ -249,6 +257,8 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
         minutes=args.minutes,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
+        segment=args.segment,
+        threads=args.threads,
         seed=args.seed,
     )
     print(train(settings, args.out_dir, overwrite=args.overwrite))
@@ -476,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--work-dir", type=Path, default=None, help="scratch space for --sweep")
     compare.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None, help="--sweep: block")
     compare.add_argument("--asymmetric", action="store_true", help="--sweep: asymmetric MatMulNBits")
+    compare.add_argument("--data", type=Path, default=None, help="--sweep: eval JSONL; adds task metrics per row")
+    compare.add_argument("--limit", type=_positive_int, default=None, help="--data: the first N lines only")
     compare.add_argument(
         "--write-manifest", action="store_true", help="also record the summary under 'quality' in QUANT_DIR's manifest"
     )
@@ -526,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--minutes", type=_positive_float, default=60.0, help="training time budget")
     trainer.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
     trainer.add_argument("--batch-size", type=_positive_int, default=16, help="examples per step")
+    trainer.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    trainer.add_argument(
+        "--no-segment", dest="segment", action="store_false", help="skip `segment` (and the masks' VQ-VAE)"
+    )
     trainer.add_argument("--seed", type=int, default=0, help="weights and data")
     trainer.add_argument("--overwrite", action="store_true", help=overwrite_help)
     trainer.set_defaults(func=_cmd_train_shapes)

@@ -1,7 +1,8 @@
 """`paligemma-edge compare REF --sweep`: quantize one component at a time and measure each one's cost.
 
 This is how the recipe defaults are chosen: which component tolerates which precision, and what
-each saves in bytes.
+each saves in bytes. With eval examples (``--data FILE.jsonl``) every row also carries `eval`'s task metrics,
+and a first row gives the reference's own, so a cost reads as points of task quality.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..eval.data import Example
+from ..eval.run import evaluate
 from ..runtime.model import PaliGemma
 from .compare import compare_exports
 from .quantize import quantize_export
@@ -28,16 +31,34 @@ SWEEP = (
 
 
 def run_sweep(
-    reference_dir: Path, work_dir: Path, images, prompt_list, block_size: int = 32, symmetric: bool = True
+    reference_dir: Path,
+    work_dir: Path,
+    images,
+    prompt_list,
+    block_size: int = 32,
+    symmetric: bool = True,
+    eval_examples: list[Example] | None = None,
 ) -> list[dict]:
     reference = PaliGemma.load(reference_dir, verify_checksums=False)
     rows = []
+    if eval_examples:
+        rows.append(
+            {
+                "component": "reference",
+                "precision": reference.manifest.precision,
+                "graph": "vision + decoder",
+                "bytes": sum(reference.manifest.graph_bytes(graph) for graph in ("vision", "decoder")),
+                "size_ratio": 1.0,
+                "tasks": evaluate(reference, eval_examples),
+            }
+        )
     for component, precisions in SWEEP:
         precision = next(iter(precisions.values()))
         recipe = Recipe(f"{component}-{precision}", block_size=block_size, symmetric=symmetric, **precisions)
         out = work_dir / recipe.name.replace(" ", "_").replace("(", "").replace(")", "")
         manifest = quantize_export(reference_dir, out, recipe)
-        report = compare_exports(reference, PaliGemma.load(out, verify_checksums=False), images, prompt_list)
+        candidate = PaliGemma.load(out, verify_checksums=False)
+        report = compare_exports(reference, candidate, images, prompt_list)
         graph = "vision" if component == "vision" else "decoder"
         before = reference.manifest.graph_bytes(graph)
         after = manifest.graph_bytes(graph)
@@ -51,8 +72,19 @@ def run_sweep(
                 **report.summary(),
             }
         )
+        if eval_examples:
+            rows[-1]["tasks"] = evaluate(candidate, eval_examples)
         shutil.rmtree(out)
     return rows
+
+
+HEADLINE_METRICS = ("mask_iou", "map50", "exact_match", "cer")  # per task group: the first of these it has
+
+
+def headline(summary: dict) -> tuple[str, float]:
+    """A task group's one figure for the sweep table: mask IoU, else mAP@0.5, else exact match, else CER."""
+    name = next(metric for metric in HEADLINE_METRICS if metric in summary)
+    return name, summary[name]
 
 
 def sweep_table(rows: list[dict]) -> str:
@@ -61,10 +93,20 @@ def sweep_table(rows: list[dict]) -> str:
         f"{'greedy':>6} {'IoU':>5}"
     ]
     for r in rows:
+        if r["component"] == "reference":
+            lines.append(f"{'reference':<14} {r['precision']:<5} {r['bytes'] / 1e6:9.2f} {1:6.3f}")
+            continue
         iou = "" if r["detect_box_iou"] is None else f"{r['detect_box_iou']:.2f}"
         lines.append(
             f"{r['component']:<14} {r['precision']:<5} {r['bytes'] / 1e6:9.2f} {r['size_ratio']:6.3f} "
             f"{r['top1_agreement']:6.3f} {r['mean_kl']:9.2e} {r['mean_cosine']:7.4f} "
             f"{r['greedy_exact_match']:6.2f} {iou:>5}"
         )
+    if rows and "tasks" in rows[0]:
+        groups = sorted(rows[0]["tasks"])
+        lines += ["", "task quality (eval): " + ", ".join(f"{g} = {headline(rows[0]['tasks'][g])[0]}" for g in groups)]
+        lines.append(f"{'component':<14} {'prec':<5}" + "".join(f" {g[:10]:>10}" for g in groups))
+        for r in rows:
+            cells = "".join(f" {headline(r['tasks'][g])[1]:10.3f}" if g in r["tasks"] else f" {'':>10}" for g in groups)
+            lines.append(f"{r['component']:<14} {r['precision']:<5}" + cells)
     return "\n".join(lines)

@@ -75,6 +75,18 @@ def test_shapes_set_is_deterministic_and_well_formed(tmp_path):
             assert all(not (a.mask() & b.mask()).any() for b in shapes[i + 1 :])
 
 
+def test_shipped_heldout_set_is_what_the_generator_writes(tmp_path):
+    """The held-out file in the package is `shapes-data --count 60 --seed 1000` of today's generator."""
+    from paligemma_edge.eval.shapes import HELDOUT_SCENES, HELDOUT_SEED, HELDOUT_SET
+
+    fresh = write_shapes_set(tmp_path / "fresh", count=HELDOUT_SCENES, seed=HELDOUT_SEED)
+    assert HELDOUT_SET.read_text() == fresh.read_text()
+    for name in ("00000.png", f"{HELDOUT_SCENES - 1:05d}.png"):
+        assert (HELDOUT_SET.parent / "images" / name).read_bytes() == (fresh.parent / "images" / name).read_bytes()
+    tasks = {example.task for example in read_examples(HELDOUT_SET)}
+    assert tasks == {"caption", "count", "color", "detect", "segment"}
+
+
 def test_eval_end_to_end_on_a_scripted_model(scripted_export, tmp_path):
     """The scripted model always answers `<loc…>×4 <seg…>×16 car`: ground truth made from that answer must
     score perfectly, and ground truth that differs must not."""
@@ -87,6 +99,7 @@ def test_eval_end_to_end_on_a_scripted_model(scripted_export, tmp_path):
         {"image": str(image), "prompt": "caption en", "answer": text},
         {"image": str(image), "prompt": "caption en", "answer": "a red house"},
         {"image": str(image), "prompt": "ocr", "answer": text[:-2]},
+        {"image": str(image), "task": "caption again", "prompt": "caption en", "answer": text},
         {"image": str(image), "prompt": "detect car", "boxes": [{"label": "car", "box": list(car.box)}]},
         {"image": str(image), "prompt": "detect car", "boxes": [{"label": "car", "box": [0, 0, 10, 10]}]},
         {"image": str(image), "prompt": "segment car", "masks": [{"label": "car", "mask": car.to_dict()["mask"]}]},
@@ -97,6 +110,7 @@ def test_eval_end_to_end_on_a_scripted_model(scripted_export, tmp_path):
     assert out.returncode == 0, out.stderr
     tasks = json.loads(out.stdout)["tasks"]
     assert tasks["caption"]["exact_match"] == 0.5 and tasks["caption"]["examples"] == 2
+    assert tasks["caption again"] == {"examples": 1, "exact_match": 1.0}  # scored in the group it names
     assert tasks["ocr"]["cer"] == pytest.approx(2 / (len(text) - 2))  # two extra characters
     assert tasks["detect"]["precision"] == 0.5 and tasks["detect"]["recall"] == 0.5
     assert tasks["detect"]["mean_iou"] == pytest.approx(1.0)
@@ -110,7 +124,7 @@ def test_eval_runs_on_the_shapes_set(exports, tmp_path):
     out = run_cli("eval", exports["pg1"].export_dir, "--data", data, "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert {"caption", "answer", "detect", "segment"} <= set(report["tasks"]) and "RANDOM" in report["note"]
+    assert {"caption", "count", "detect", "segment"} <= set(report["tasks"]) and "RANDOM" in report["note"]
 
 
 @pytest.mark.parametrize(
@@ -128,6 +142,7 @@ def test_eval_runs_on_the_shapes_set(exports, tmp_path):
         ),
         ('{"image": "missing.png", "prompt": "ocr", "answer": "x"}', "line 2: image"),
         ("[1, 2]", "line 2: each line must be a JSON object"),
+        ('{"image": "IMAGE", "task": 3, "prompt": "ocr", "answer": "x"}', 'line 2: "task"'),
     ],
 )
 def test_eval_rejects_malformed_lines_with_their_number(exports, tmp_path, line, message):

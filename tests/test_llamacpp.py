@@ -307,3 +307,26 @@ def test_server_on_a_gguf_export(gguf_exports, images):
         with ThreadPoolExecutor(6) as pool:
             replies = list(pool.map(ask, jobs))
     assert [r.choices[0].message.content for r in replies] == expected
+
+
+def test_eval_on_a_gguf_export_scores_what_the_onnx_export_scores(scripted_gguf, scripted_export, tmp_path):
+    """`eval` runs on GGUF exports like on ONNX ones: same data, same greedy outputs, the same report."""
+    from paligemma_edge.runtime.images import demo_image_path
+
+    image = demo_image_path()
+    car = PaliGemma.load(scripted_export).segment(image, "car")[0]
+    rows = [
+        {"image": str(image), "prompt": "caption en", "answer": "a car"},
+        {"image": str(image), "prompt": "detect car", "boxes": [{"label": "car", "box": list(car.box)}]},
+        {
+            "image": str(image),
+            "prompt": "segment car",
+            "masks": [{"label": "car", "mask": car.to_dict()["mask"]}],
+        },
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    reports = [run_cli("eval", export, "--data", data, "--json") for export in (scripted_gguf, scripted_export)]
+    assert all(out.returncode == 0 for out in reports), [out.stderr for out in reports]
+    on_gguf, on_onnx = (json.loads(out.stdout)["tasks"] for out in reports)
+    assert on_gguf == on_onnx and on_gguf["segment"]["mask_iou"] == pytest.approx(1.0)

@@ -17,6 +17,7 @@ from paligemma_edge.quant.compare import compare_exports, default_images, logit_
 from paligemma_edge.quant.quantize import load_lazily, quantize_export, read_tensor
 from paligemma_edge.quant.recipes import RECIPES, Recipe, get_recipe
 from paligemma_edge.runtime.export_format import Manifest, load_manifest
+from paligemma_edge.runtime.images import demo_image_path
 
 from .conftest import run_cli
 
@@ -221,6 +222,27 @@ def test_sweep_reports_each_component(exports, tmp_path):
     assert by_key[("vision", "int8")]["size_ratio"] < 1.0 and by_key[("decoder body", "int4")]["size_ratio"] < 1.0
     assert by_key[("decoder (all)", "fp16")]["top1_agreement"] == 1.0
     assert all(0.0 <= r["top1_agreement"] <= 1.0 for r in rows)
+
+
+def test_sweep_with_eval_data_scores_each_row(scripted_export, tmp_path):
+    """`compare --sweep --data`: a reference row, then every component's row, each with eval's task metrics; the
+    scripted model keeps its one answer at every precision, so every row scores what the reference scores."""
+    from paligemma_edge.quant.sweep import SWEEP
+
+    image = demo_image_path()
+    answer = PaliGemma.load(scripted_export).generate(image, "caption en").text
+    data = tmp_path / "data.jsonl"
+    rows = [{"image": str(image), "task": "caption", "prompt": "caption en", "answer": a} for a in (answer, "no")]
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    out = run_cli("compare", scripted_export, "--sweep", "--data", data, "--json", "--work-dir", tmp_path)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [r["component"] for r in report] == ["reference"] + [component for component, _ in SWEEP]
+    assert all(r["tasks"]["caption"] == {"examples": 2, "exact_match": 0.5} for r in report)
+    table = run_cli("compare", scripted_export, "--sweep", "--data", data, "--work-dir", tmp_path)
+    assert table.returncode == 0 and "task quality (eval): caption = exact_match" in table.stdout
+    alone = run_cli("compare", scripted_export, scripted_export, "--data", data)  # --data means nothing without it
+    assert alone.returncode == 2 and "apply to --sweep" in alone.stderr and "Traceback" not in alone.stderr
 
 
 def test_export_with_quant_flag(exports, tmp_path):

@@ -7,7 +7,19 @@ import json
 import numpy as np
 import pytest
 
-from paligemma_edge.export.train_shapes import loc_target, sincos_2d, smoke_settings, train, training_examples
+from paligemma_edge.export.train_shapes import (
+    PATCH_CLASSES,
+    TrainSettings,
+    example_loss,
+    loc_target,
+    patch_loss,
+    patch_targets,
+    sincos_2d,
+    smoke_settings,
+    smooth_loc_embeddings,
+    train,
+    training_examples,
+)
 from paligemma_edge.runtime import spec
 
 
@@ -21,14 +33,75 @@ def test_loc_target_known_answer():
 def test_training_examples_are_prompts_and_targets_in_paligemma_formats():
     examples = training_examples(np.random.default_rng(0), 64)
     assert len(examples) == 64
-    prompts = {prompt.split()[0] for _, prompt, _ in examples}
+    prompts = {example.prompt.split()[0] for example in examples}
     assert prompts <= {"caption", "answer", "detect"} and {"caption", "answer", "detect"} <= prompts
-    for image, prompt, target in examples:
-        assert image.size == (224, 224) and target
+    for image, prompt, target, shapes in examples:
+        assert image.size == (224, 224) and target and 1 <= len(shapes) <= 3
         if prompt.startswith("detect"):
             assert target.count("<loc") % spec.LOC_TOKENS_PER_BOX == 0 and target.count("<loc") > 0
         else:
             assert "<loc" not in target
+    look = training_examples(np.random.default_rng(0), 32, look_only=True)
+    assert {example.prompt.split()[0] for example in look} == {"caption", "answer"}
+
+
+def test_example_loss_known_answers():
+    torch = pytest.importorskip("torch")
+    loc_ids = torch.arange(100, 100 + spec.NUM_LOC_TOKENS)
+    vocab = 100 + spec.NUM_LOC_TOKENS
+    # two examples: a one-token answer (id 7) and a one-<loc> box coordinate (bin 500); position 0 is the prompt
+    labels = torch.tensor([[-100, 7, -100], [-100, 600, -100]])
+    logits = torch.zeros(2, 3, vocab)
+    logits[0, 0, 7] = 2.0
+    hard = TrainSettings(loc_sigma=0, loc_weight=1.0)
+    expected = (torch.logsumexp(logits[0, 0], 0) - 2.0 + torch.logsumexp(logits[1, 0], 0)) / 2
+    torch.testing.assert_close(example_loss(logits, labels, loc_ids, hard), expected)
+    # a mean per example: a long target does not outweigh a one-token one
+    long_labels = torch.tensor([[-100, 7, -100], [-100, 600, 600]])
+    torch.testing.assert_close(example_loss(logits, long_labels, loc_ids, hard), expected)
+    # soft <loc> targets: a guess 2 bins off costs less than one 200 bins off (the exact-bin loss cannot tell)
+    near, far = logits.clone(), logits.clone()
+    near[1, 0, 602], far[1, 0, 800] = 10.0, 10.0
+    soft = TrainSettings(loc_sigma=8.0)
+    assert example_loss(near, labels, loc_ids, soft) < example_loss(far, labels, loc_ids, soft) - 0.2
+    torch.testing.assert_close(example_loss(near, labels, loc_ids, hard), example_loss(far, labels, loc_ids, hard))
+
+
+def test_patch_targets_known_answer():
+    from paligemma_edge.eval.shapes import Shape
+
+    shapes = [Shape("circle", "red", (0, 0, 56, 56)), Shape("square", "blue", (112, 112, 224, 224))]
+    classes, boxes = patch_targets(shapes, 8)
+    expected = np.zeros((8, 8), np.int64)
+    expected[:2, :2] = 1 + PATCH_CLASSES.index("red circle")  # the circle covers ≥ 1/4 of each of its 4 cells
+    expected[4:, 4:] = 1 + PATCH_CLASSES.index("blue square")
+    np.testing.assert_array_equal(classes.reshape(8, 8), expected)
+    np.testing.assert_allclose(boxes[0], [0, 0, 0.25, 0.25])
+    np.testing.assert_allclose(boxes[63], [0.5, 0.5, 1, 1])
+    assert not boxes[classes == 0].any()
+
+
+def test_patch_loss_is_zero_only_for_the_right_classes_and_boxes():
+    torch = pytest.importorskip("torch")
+    from paligemma_edge.eval.shapes import Shape
+
+    classes, boxes = (torch.from_numpy(a)[None] for a in patch_targets([Shape("square", "green", (0, 0, 112, 112))], 4))
+    num_classes = 1 + len(PATCH_CLASSES)
+    right = torch.cat([torch.nn.functional.one_hot(classes, num_classes) * 50.0, boxes], dim=-1)
+    assert patch_loss(right, classes, boxes).item() < 1e-6
+    wrong_box = right.clone()
+    wrong_box[0, 0, num_classes] += 0.1  # one patch's x0 off by a tenth of the image
+    torch.testing.assert_close(patch_loss(wrong_box, classes, boxes), torch.tensor(10 * 0.1 / (4 * 4)))
+    wrong_class = right.clone()
+    wrong_class[0, 15, :num_classes] = torch.roll(wrong_class[0, 15, :num_classes], 1)  # background → class 1
+    assert patch_loss(wrong_class, classes, boxes).item() > 1.0
+
+
+def test_smooth_loc_embeddings_start_neighbours_close():
+    table = smooth_loc_embeddings(spec.NUM_LOC_TOKENS, 64, norm=3.0)
+    np.testing.assert_allclose(np.linalg.norm(table, axis=1), 3.0, rtol=1e-5)
+    cosine = table @ table[500] / 9.0
+    assert cosine[501] > 0.95 and cosine[510] > cosine[600] and abs(cosine[900]) < 0.5
 
 
 def test_settings_a_user_can_get_wrong_are_refused(tmp_path):
@@ -57,13 +130,16 @@ def test_sincos_positions_separate_rows_and_columns():
 def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, version):
     """Three real optimizer steps of a micro model, saved in transformers' format with how it was trained; the
     exporter then matches it against transformers as it does any checkpoint."""
-    from paligemma_edge.export.exporter import export_model
+    from paligemma_edge.export.exporter import ExportSettings, export_model
 
     checkpoint = train(smoke_settings(version), tmp_path / "trained", progress=False)
     record = json.loads((checkpoint / "training.json").read_text())
     assert record["steps"] == 3 and np.isfinite(record["final_loss_mean_of_last_50"])
     assert record["machine"]["cpu"] not in ("", "x86_64")  # the CPU's model name, as bench records it
     assert record["settings"]["version"] == version and not (checkpoint / "paligemma_edge_random.json").exists()
-    manifest = export_model(checkpoint, tmp_path / "export")
+    (last,) = record["look_check"]  # fewer steps than look_check_every: only the final one
+    assert last["step"] == 3 and np.isfinite(last["loss"]) and np.isfinite(last["loss_shuffled_images"])
+    assert record["vqvae"]["steps"] == 3  # the masks' VQ-VAE came first, in the same budget
+    manifest = export_model(checkpoint, tmp_path / "export", ExportSettings(seg_decoder=checkpoint / "vae-oid.npz"))
     assert manifest.model_type == ("paligemma" if version == 1 else "paligemma2")
     assert manifest.verification["passed"] and manifest.verification["tokens_agree"]
