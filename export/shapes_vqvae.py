@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..eval.shapes import KINDS, SIDE_RANGE, SIZE, Shape
 from ..runtime import spec
+from ..runtime.errors import MaskDecoderError
 from ..runtime.segmentation import MASK_SIZE
 from .seg_decoder import CODEBOOK, load_vae_npz
 
@@ -163,6 +164,10 @@ class MaskEncoder:
 
         load_vae_npz(npz_path)  # the decoder half must be valid for the export to use it
         with np.load(npz_path, allow_pickle=False) as npz:
+            if SETTINGS_KEY not in npz.files:
+                raise MaskDecoderError(
+                    f"{npz_path} has no {SETTINGS_KEY}: only VQ-VAEs written by train-shapes can encode masks here."
+                )
             settings = VQVAESettings(**_settings_of(json.loads(str(npz[SETTINGS_KEY]))))
             arrays = {key: torch.from_numpy(npz[key]) for key in npz.files if key != SETTINGS_KEY}
         arrays[f"{CODEBOOK}.weight"] = arrays.pop(CODEBOOK)

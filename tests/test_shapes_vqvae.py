@@ -72,3 +72,13 @@ def test_training_examples_include_segment_targets_with_an_encoder(vae_file):
     for target in segments:
         objects = target.split(spec.OBJECT_SEPARATOR)
         assert target.count("<loc") == 4 * len(objects) and target.count("<seg") == 16 * len(objects)
+
+
+def test_encoder_refuses_a_vae_file_it_cannot_rebuild(tmp_path):
+    from paligemma_edge.runtime.errors import MaskDecoderError
+
+    from .conftest import write_vae_npz
+
+    write_vae_npz(tmp_path / "vae-oid.npz", 16, 8)  # a valid decoder, but not written by train-shapes
+    with pytest.raises(MaskDecoderError, match="only VQ-VAEs written by train-shapes"):
+        MaskEncoder(tmp_path / "vae-oid.npz")
