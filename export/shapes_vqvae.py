@@ -2,7 +2,7 @@
 
 A mask is encoded the way PaliGemma's `segment` targets are: the object's box crop resized to 64×64, encoded to
 a 4×4 grid of codebook indices (16 `<seg>` codes, row-major). The decoder is the spec's exact layer sequence
-(docs: paligemma-io.md §7) with smaller channel counts, so the project's own mask-decoder path decodes it:
+(docs/io-contract.md §12) with smaller channel counts, so the project's own mask-decoder path decodes it:
 `paligemma-edge export CKPT OUT --seg-decoder vae-oid.npz`. The encoder is saved too (`encoder.*`, unused by
 the decoder, like the real file) because training targets need it.
 
