@@ -258,6 +258,7 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         segment=args.segment,
+        bf16=args.bf16,
         threads=args.threads,
         seed=args.seed,
     )
@@ -541,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
     trainer.add_argument(
         "--no-segment", dest="segment", action="store_false", help="skip `segment` (and the masks' VQ-VAE)"
+    )
+    trainer.add_argument(
+        "--fp32", dest="bf16", action="store_false", help="no bfloat16 autocast (slower where the CPU has BF16)"
     )
     trainer.add_argument("--seed", type=int, default=0, help="weights and data")
     trainer.add_argument("--overwrite", action="store_true", help=overwrite_help)

@@ -9,8 +9,11 @@ import pytest
 
 from paligemma_edge.export.train_shapes import (
     PATCH_CLASSES,
+    PATCH_OUTPUTS,
     TrainSettings,
     example_loss,
+    learning_rate,
+    loc_features,
     loc_target,
     patch_loss,
     patch_targets,
@@ -87,11 +90,15 @@ def test_patch_loss_is_zero_only_for_the_right_classes_and_boxes():
 
     classes, boxes = (torch.from_numpy(a)[None] for a in patch_targets([Shape("square", "green", (0, 0, 112, 112))], 4))
     num_classes = 1 + len(PATCH_CLASSES)
-    right = torch.cat([torch.nn.functional.one_hot(classes, num_classes) * 50.0, boxes], dim=-1)
-    assert patch_loss(right, classes, boxes).item() < 1e-6
+    codes = torch.from_numpy(loc_features(boxes.numpy())).flatten(2)
+    right = torch.cat([torch.nn.functional.one_hot(classes, num_classes) * 50.0, boxes, codes], dim=-1)
+    assert right.shape[-1] == PATCH_OUTPUTS and patch_loss(right, classes, boxes).item() < 1e-6
     wrong_box = right.clone()
     wrong_box[0, 0, num_classes] += 0.1  # one patch's x0 off by a tenth of the image
     torch.testing.assert_close(patch_loss(wrong_box, classes, boxes), torch.tensor(10 * 0.1 / (4 * 4)))
+    wrong_code = right.clone()
+    wrong_code[0, 0, num_classes + 4] += 0.4  # one of the 64 features of one of the 4 shape patches
+    torch.testing.assert_close(patch_loss(wrong_code, classes, boxes), torch.tensor(0.4**2 / (4 * 64)))
     wrong_class = right.clone()
     wrong_class[0, 15, :num_classes] = torch.roll(wrong_class[0, 15, :num_classes], 1)  # background → class 1
     assert patch_loss(wrong_class, classes, boxes).item() > 1.0
@@ -99,9 +106,26 @@ def test_patch_loss_is_zero_only_for_the_right_classes_and_boxes():
 
 def test_smooth_loc_embeddings_start_neighbours_close():
     table = smooth_loc_embeddings(spec.NUM_LOC_TOKENS, 64, norm=3.0)
-    np.testing.assert_allclose(np.linalg.norm(table, axis=1), 3.0, rtol=1e-5)
-    cosine = table @ table[500] / 9.0
+    norms = np.linalg.norm(table, axis=1)
+    assert norms.mean() == pytest.approx(3.0) and norms.min() > 2.0 and norms.max() < 4.0
+    cosine = table @ table[500] / norms / norms[500]
     assert cosine[501] > 0.95 and cosine[510] > cosine[600] and abs(cosine[900]) < 0.5
+
+
+def test_learning_rate_warms_up_then_decays_to_its_final_share():
+    settings = TrainSettings(learning_rate=1e-3, warmup_steps=10, final_lr_share=0.1)
+    assert learning_rate(settings, 0, 0.0) == pytest.approx(1e-4)
+    assert learning_rate(settings, 9, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(settings, 500, 0.5) == pytest.approx(0.55e-3)
+    assert learning_rate(settings, 900, 1.0) == pytest.approx(1e-4) == learning_rate(settings, 990, 1.7)
+
+
+def test_loc_embeddings_are_a_linear_map_of_the_box_features():
+    """What the patch head learns (`loc_features` of a coordinate) gives the `<loc>` embedding by one matrix."""
+    table = smooth_loc_embeddings(spec.NUM_LOC_TOKENS, 64, norm=1.0)
+    features = loc_features(np.arange(spec.NUM_LOC_TOKENS) / spec.NUM_LOC_TOKENS)
+    solved, *_ = np.linalg.lstsq(features, table, rcond=None)
+    np.testing.assert_allclose(features @ solved, table, atol=1e-4)
 
 
 def test_settings_a_user_can_get_wrong_are_refused(tmp_path):
@@ -109,7 +133,7 @@ def test_settings_a_user_can_get_wrong_are_refused(tmp_path):
 
     from .conftest import run_cli
 
-    for wrong in ({"image_size": 100}, {"image_size": 0}, {"minutes": 0}):
+    for wrong in ({"image_size": 100}, {"image_size": 0}, {"minutes": 0}, {"final_lr_share": 1.5}):
         with pytest.raises(ValueError):
             TrainSettings(**wrong)
     for args in (["--image-size", "100"], ["--minutes", "-1"]):
@@ -126,14 +150,17 @@ def test_sincos_positions_separate_rows_and_columns():
     np.testing.assert_array_equal(by_cell[0, :, 24:], by_cell[3, :, 24:])  # second half: the column only
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, version):
-    """Three real optimizer steps of a micro model, saved in transformers' format with how it was trained; the
-    exporter then matches it against transformers as it does any checkpoint."""
+@pytest.mark.parametrize(("version", "bf16"), [(1, False), (2, True)])
+def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, version, bf16):
+    """Three real optimizer steps of a micro model (fp32 or bfloat16 autocast), saved in transformers' format with
+    how it was trained; the exporter then matches it against transformers as it does any checkpoint."""
+    from dataclasses import replace
+
     from paligemma_edge.export.exporter import ExportSettings, export_model
 
-    checkpoint = train(smoke_settings(version), tmp_path / "trained", progress=False)
+    checkpoint = train(replace(smoke_settings(version), bf16=bf16), tmp_path / "trained", progress=False)
     record = json.loads((checkpoint / "training.json").read_text())
+    assert record["settings"]["bf16"] is bf16
     assert record["steps"] == 3 and np.isfinite(record["final_loss_mean_of_last_50"])
     assert record["machine"]["cpu"] not in ("", "x86_64")  # the CPU's model name, as bench records it
     assert record["settings"]["version"] == version and not (checkpoint / "paligemma_edge_random.json").exists()
@@ -143,3 +170,12 @@ def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, 
     manifest = export_model(checkpoint, tmp_path / "export", ExportSettings(seg_decoder=checkpoint / "vae-oid.npz"))
     assert manifest.model_type == ("paligemma" if version == 1 else "paligemma2")
     assert manifest.verification["passed"] and manifest.verification["tokens_agree"]
+
+
+def test_the_command_line_trains_in_fp32_when_asked(tmp_path):
+    from .conftest import run_cli
+
+    out = run_cli("train-shapes", tmp_path / "out", "--fp32", "--max-steps", "1", "--batch-size", "2", "--no-segment")
+    assert out.returncode == 0, out.stderr
+    record = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert record["steps"] == 1 and record["settings"]["bf16"] is False and record["vqvae"] is None
