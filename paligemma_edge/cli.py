@@ -251,17 +251,24 @@ def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
 def _cmd_train_shapes(args: argparse.Namespace) -> int:
     from .export.train_shapes import TrainSettings, train
 
-    settings = TrainSettings(
-        version=args.version,
-        image_size=args.image_size,
-        minutes=args.minutes,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        segment=args.segment,
-        bf16=args.bf16,
-        threads=args.threads,
-        seed=args.seed,
-    )
+    chosen = ("vision_share", "freeze_vision")  # otherwise the recipe's defaults
+    recipe = {name: getattr(args, name) for name in chosen if getattr(args, name) is not None}
+    try:
+        settings = TrainSettings(
+            version=args.version,
+            image_size=args.image_size,
+            minutes=args.minutes,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            segment=args.segment,
+            bf16=args.bf16,
+            threads=args.threads,
+            seed=args.seed,
+            **recipe,
+        )
+    except ValueError as error:  # settings that do not fit together, e.g. a vision stage longer than the budget
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(train(settings, args.out_dir, overwrite=args.overwrite))
     return 0
 
@@ -399,6 +406,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -545,6 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument(
         "--fp32", dest="bf16", action="store_false", help="no bfloat16 autocast (slower where the CPU has BF16)"
+    )
+    trainer.add_argument(
+        "--vision-share",
+        type=_nonnegative_float,
+        help="share of the budget for the vision tower alone, first (default 0.25; 0: none)",
+    )
+    trainer.add_argument(
+        "--freeze-vision",
+        action=argparse.BooleanOptionalAction,
+        help="keep the tower as the vision stage left it (default: as the recipe says)",
     )
     trainer.add_argument("--seed", type=int, default=0, help="weights and data")
     trainer.add_argument("--overwrite", action="store_true", help=overwrite_help)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from paligemma_edge.export.train_shapes import (
     loc_target,
     patch_loss,
     patch_targets,
+    pretrain_vision,
     sincos_2d,
     smoke_settings,
     smooth_loc_embeddings,
@@ -133,10 +135,10 @@ def test_settings_a_user_can_get_wrong_are_refused(tmp_path):
 
     from .conftest import run_cli
 
-    for wrong in ({"image_size": 100}, {"image_size": 0}, {"minutes": 0}, {"final_lr_share": 1.5}):
+    for wrong in ({"image_size": 100}, {"minutes": 0}, {"final_lr_share": 1.5}, {"vision_share": 1.0}):
         with pytest.raises(ValueError):
             TrainSettings(**wrong)
-    for args in (["--image-size", "100"], ["--minutes", "-1"]):
+    for args in (["--image-size", "100"], ["--minutes", "-1"], ["--vision-share", "-1"], ["--vision-share", "1"]):
         out = run_cli("train-shapes", tmp_path / "out", *args)
         assert out.returncode == 2 and "Traceback" not in out.stderr and "must be" in out.stderr, out.stderr
     assert not (tmp_path / "out").exists()
@@ -154,8 +156,6 @@ def test_sincos_positions_separate_rows_and_columns():
 def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, version, bf16):
     """Three real optimizer steps of a micro model (fp32 or bfloat16 autocast), saved in transformers' format with
     how it was trained; the exporter then matches it against transformers as it does any checkpoint."""
-    from dataclasses import replace
-
     from paligemma_edge.export.exporter import ExportSettings, export_model
 
     checkpoint = train(replace(smoke_settings(version), bf16=bf16), tmp_path / "trained", progress=False)
@@ -167,6 +167,7 @@ def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, 
     (last,) = record["look_check"]  # fewer steps than look_check_every: only the final one
     assert last["step"] == 3 and np.isfinite(last["loss"]) and np.isfinite(last["loss_shuffled_images"])
     assert record["vqvae"]["steps"] == 3  # the masks' VQ-VAE came first, in the same budget
+    assert record["vision_stage"]["steps"] == 3  # then the vision tower alone
     manifest = export_model(checkpoint, tmp_path / "export", ExportSettings(seg_decoder=checkpoint / "vae-oid.npz"))
     assert manifest.model_type == ("paligemma" if version == 1 else "paligemma2")
     assert manifest.verification["passed"] and manifest.verification["tokens_agree"]
@@ -179,3 +180,35 @@ def test_the_command_line_trains_in_fp32_when_asked(tmp_path):
     assert out.returncode == 0, out.stderr
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert record["steps"] == 1 and record["settings"]["bf16"] is False and record["vqvae"] is None
+
+
+def test_the_vision_stage_trains_the_tower_alone(tmp_path):
+    torch = pytest.importorskip("torch")
+    from paligemma_edge.export.train_shapes import build
+
+    settings = smoke_settings(2)
+    model, processor = build(settings)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    head = torch.nn.Linear(settings.vision_hidden, PATCH_OUTPUTS)
+    record = pretrain_vision(model, head, processor, settings, progress=False)
+    assert record["steps"] == 3 and np.isfinite(record["final_loss_mean_of_last_50"])
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed and all(".vision_tower." in name for name in changed), changed
+    assert not any("position_embedding" in name for name in changed)  # the fixed 2-D table stays fixed
+
+
+def test_a_frozen_tower_is_saved_as_it_was_built(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from paligemma_edge.export.train_shapes import build
+
+    settings = replace(smoke_settings(2), vision_share=0.0, freeze_vision=True, segment=False)
+    checkpoint = train(settings, tmp_path / "trained", progress=False)
+    built, _ = build(settings)
+    trained = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint)
+    after = trained.state_dict()
+    tower = [name for name in built.state_dict() if ".vision_tower." in name]
+    assert tower and all(torch.equal(built.state_dict()[name], after[name]) for name in tower)
+    projector = "model.multi_modal_projector.linear.weight"
+    assert not torch.equal(built.state_dict()[projector], after[projector])  # the rest did train
