@@ -169,6 +169,23 @@ def learning_rate(settings: TrainSettings, step: int, done: float, peak: float |
     return peak * warmup * (settings.final_lr_share + (1 - settings.final_lr_share) * cosine)
 
 
+def share_done(elapsed: float, budget: float, step: int, max_steps: int | None) -> float:
+    """How much of a stage is behind us: elapsed time over its budget, or steps over ``max_steps`` if further."""
+    done = elapsed / max(1.0, budget)
+    return max(done, step / max_steps) if max_steps else done
+
+
+def optimizer_step(optimizer, loss, parameters) -> float:
+    """Backward, clip the gradient norm to 1, step; returns the loss."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def patch_targets(shapes: list[Shape], grid: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense targets for the vision tower, per patch of a grid×grid image: the class of the shape covering at
     least a quarter of it (0: background, else 1 + PATCH_CLASSES' index) and that shape's box (x0, y0, x1, y1)
@@ -346,19 +363,13 @@ def pretrain_vision(model, patch_head, processor, settings: TrainSettings, progr
         scenes = [make_scene(rng) for _ in range(settings.vision_batch_size)]
         pixels = processor.image_processor([image for image, _ in scenes], return_tensors="pt")["pixel_values"]
         classes, boxes = zip(*(patch_targets(shapes, grid) for _, shapes in scenes))
-        done = (time.perf_counter() - start) / budget
-        if settings.max_steps:
-            done = max(done, step / settings.max_steps)
+        done = share_done(time.perf_counter() - start, budget, step, settings.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, step, done, settings.vision_learning_rate)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
             features = patch_head(tower(pixel_values=pixels).last_hidden_state)
         loss = patch_loss(features.float(), torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(boxes)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(optimizer, loss, trainable))
         step += 1
         bar.update()
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
@@ -417,9 +428,9 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
             look_only = step < settings.look_first_steps
             examples = training_examples(rng, settings.batch_size, encoder, look_only)
             inputs, labels = model_inputs(processor, examples)
-            done = (time.perf_counter() - model_start) / max(1.0, budget - (model_start - start))
-            if settings.max_steps:
-                done = max(done, step / settings.max_steps)
+            done = share_done(
+                time.perf_counter() - model_start, budget - (model_start - start), step, settings.max_steps
+            )
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(settings, step, done)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
@@ -430,11 +441,7 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
                 classes, boxes = zip(*(patch_targets(example.shapes, grid) for example in examples))
                 classes, boxes = torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(boxes))
                 loss = loss + patch_weight * patch_loss(dense.float(), classes, boxes)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(optimizer_step(optimizer, loss, trainable))
             step += 1
             if step % settings.look_check_every == 0:
                 look_checks.append({"step": step, **look_check.losses(model, loc_ids, settings)})

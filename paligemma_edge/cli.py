@@ -266,7 +266,7 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
             seed=args.seed,
             **recipe,
         )
-    except ValueError as error:  # settings that do not fit together, e.g. a vision stage longer than the budget
+    except ValueError as error:  # settings that do not fit together, e.g. the whole budget for the vision stage
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(train(settings, args.out_dir, overwrite=args.overwrite))

@@ -19,6 +19,7 @@ from paligemma_edge.export.train_shapes import (
     patch_loss,
     patch_targets,
     pretrain_vision,
+    share_done,
     sincos_2d,
     smoke_settings,
     smooth_loc_embeddings,
@@ -128,6 +129,12 @@ def test_loc_embeddings_are_a_linear_map_of_the_box_features():
     features = loc_features(np.arange(spec.NUM_LOC_TOKENS) / spec.NUM_LOC_TOKENS)
     solved, *_ = np.linalg.lstsq(features, table, rcond=None)
     np.testing.assert_allclose(features @ solved, table, atol=1e-4)
+
+
+def test_a_stage_is_done_by_time_or_by_steps_whichever_is_further():
+    assert share_done(30.0, 60.0, 5, None) == 0.5
+    assert share_done(30.0, 60.0, 9, 10) == 0.9
+    assert share_done(45.0, 60.0, 1, 10) == 0.75
 
 
 def test_settings_a_user_can_get_wrong_are_refused(tmp_path):
