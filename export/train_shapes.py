@@ -57,7 +57,7 @@ class TrainSettings:
     loc_weight: float = 4.0  # loss weight of <loc> target tokens against 1 for the rest
     loc_sigma: float = 8.0  # <loc> targets: a Gaussian over the bins, this wide (0: the exact bin only)
     look_first_steps: int = 300  # answers and captions only at first, so the model learns to use the image
-    patch_loss_weight: float = 1.0  # the vision tower's per-patch class and box loss (0: none)
+    patch_loss_weight: float = 1.0  # the patch loss next to the tasks when the tower keeps training (0: none)
     segment: bool = True  # train `segment` too (a VQ-VAE for the masks is trained first)
     look_check_every: int = 500  # steps between look checks (loss with real vs shuffled images, training.json)
     vision_share: float = 0.25  # first, the vision tower alone on the patch loss for this share of the budget
