@@ -251,7 +251,8 @@ def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
 def _cmd_train_shapes(args: argparse.Namespace) -> int:
     from .export.train_shapes import TrainSettings, train
 
-    chosen = ("vision_share", "freeze_vision")  # otherwise the recipe's defaults
+    # the recipe's defaults unless given
+    chosen = ("vision_share", "freeze_vision", "grounding_weight", "object_order", "text_kv_heads")
     recipe = {name: getattr(args, name) for name in chosen if getattr(args, name) is not None}
     try:
         settings = TrainSettings(
@@ -569,6 +570,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-vision",
         action=argparse.BooleanOptionalAction,
         help="keep the tower as the vision stage left it (default: as the recipe says)",
+    )
+    trainer.add_argument(
+        "--grounding-weight",
+        type=_nonnegative_float,
+        help="weight of the loss that marks the image tokens a `detect`/`segment` asks for (0: none)",
+    )
+    trainer.add_argument(
+        "--object-order",
+        choices=["left-right", "top-down"],
+        help="order of the objects in `detect`/`segment` targets (default: as the recipe says)",
+    )
+    trainer.add_argument(
+        "--kv-heads", dest="text_kv_heads", type=int, choices=[1, 2, 4], help="the decoder's key/value heads"
     )
     trainer.add_argument("--seed", type=int, default=0, help="weights and data")
     trainer.add_argument("--overwrite", action="store_true", help=overwrite_help)

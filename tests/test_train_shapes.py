@@ -13,12 +13,15 @@ from paligemma_edge.export.train_shapes import (
     PATCH_OUTPUTS,
     TrainSettings,
     example_loss,
+    grounding_loss,
     learning_rate,
     loc_features,
     loc_target,
+    object_key,
     patch_loss,
     patch_targets,
     pretrain_vision,
+    query_patches,
     share_done,
     sincos_2d,
     smoke_settings,
@@ -49,6 +52,53 @@ def test_training_examples_are_prompts_and_targets_in_paligemma_formats():
             assert "<loc" not in target
     look = training_examples(np.random.default_rng(0), 32, look_only=True)
     assert {example.prompt.split()[0] for example in look} == {"caption", "answer"}
+
+
+def test_object_orders_known_answers_and_top_down_targets():
+    boxes = [(100, 10, 150, 60), (20, 90, 70, 140), (20, 5, 60, 45)]
+    assert sorted(boxes, key=object_key("left-right")) == [(20, 5, 60, 45), (20, 90, 70, 140), (100, 10, 150, 60)]
+    assert sorted(boxes, key=object_key("top-down")) == [(20, 5, 60, 45), (100, 10, 150, 60), (20, 90, 70, 140)]
+    with pytest.raises(ValueError, match="object order"):
+        TrainSettings(object_order="random")
+    several = 0
+    for example in training_examples(np.random.default_rng(0), 256, order="top-down"):
+        if example.prompt.startswith("detect"):
+            y_mins = [int(loc) for loc in example.target.split("<loc")[1::4] for loc in [loc[:4]]]
+            assert y_mins == sorted(y_mins)
+            several += len(y_mins) > 1
+    assert several >= 10  # the order is tested, not vacuous
+
+
+def test_query_patches_known_answers():
+    from paligemma_edge.eval.shapes import Shape
+
+    shapes = [Shape("circle", "red", (0, 0, 56, 56)), Shape("square", "blue", (112, 112, 224, 224))]
+    classes, _ = patch_targets(shapes, 4)  # the circle covers patch 0, the square patches 10, 11, 14, 15
+    square = np.zeros(16, np.float32)
+    square[[10, 11, 14, 15]] = 1
+    both = square.copy()
+    both[0] = 1
+    np.testing.assert_array_equal(query_patches("detect blue square", classes), square)
+    np.testing.assert_array_equal(query_patches("segment blue square", classes), square)
+    np.testing.assert_array_equal(query_patches("detect square", classes), square)
+    np.testing.assert_array_equal(query_patches("detect circle ; square", classes), both)
+    np.testing.assert_array_equal(query_patches("detect red square", classes), np.zeros(16, np.float32))
+    assert query_patches("caption en", classes) is None
+
+
+def test_grounding_loss_reads_the_image_tokens_of_examples_with_a_target():
+    torch = pytest.importorskip("torch")
+    head = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        head.bias.zero_()
+    hidden = torch.zeros(2, 4, 2)
+    hidden[0, 1, 0], hidden[0, 2, 0] = 3.0, -3.0  # example 0's image tokens are positions 1 and 2
+    image_tokens = torch.tensor([[False, True, True, False], [True, True, False, False]])
+    targets = [np.array([1.0, 0.0], np.float32), None]
+    expected = torch.nn.functional.softplus(torch.tensor(-3.0))  # both patches right by a logit margin of 3
+    torch.testing.assert_close(grounding_loss(hidden, image_tokens, head, targets), expected)
+    assert grounding_loss(hidden, image_tokens, head, [None, None]).item() == 0.0
 
 
 def test_example_loss_known_answers():
@@ -183,10 +233,15 @@ def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, 
 def test_the_command_line_trains_in_fp32_when_asked(tmp_path):
     from .conftest import run_cli
 
-    out = run_cli("train-shapes", tmp_path / "out", "--fp32", "--max-steps", "1", "--batch-size", "2", "--no-segment")
+    recipe = ("--grounding-weight", "0.5", "--object-order", "top-down", "--kv-heads", "2")
+    out = run_cli(
+        "train-shapes", tmp_path / "out", "--fp32", "--max-steps", "1", "--batch-size", "2", "--no-segment", *recipe
+    )
     assert out.returncode == 0, out.stderr
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert record["steps"] == 1 and record["settings"]["bf16"] is False and record["vqvae"] is None
+    chosen = {key: record["settings"][key] for key in ("grounding_weight", "object_order", "text_kv_heads")}
+    assert chosen == {"grounding_weight": 0.5, "object_order": "top-down", "text_kv_heads": 2}
 
 
 def test_the_vision_stage_trains_the_tower_alone(tmp_path):
@@ -202,6 +257,26 @@ def test_the_vision_stage_trains_the_tower_alone(tmp_path):
     changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
     assert changed and all(".vision_tower." in name for name in changed), changed
     assert not any("position_embedding" in name for name in changed)  # the fixed 2-D table stays fixed
+
+
+def test_the_grounding_loss_trains_with_the_decoder(tmp_path):
+    """With ``grounding_weight`` the decoder's middle layer learns which patches a `detect` asks for (recorded
+    apart); top-down targets and the decoder's key/value heads come from the settings too."""
+    settings = replace(
+        smoke_settings(1),
+        look_first_steps=0,
+        grounding_weight=1.0,
+        object_order="top-down",
+        text_kv_heads=2,
+        segment=False,
+        batch_size=8,
+    )
+    checkpoint = train(settings, tmp_path / "trained", progress=False)
+    record = json.loads((checkpoint / "training.json").read_text())
+    assert record["settings"]["grounding_weight"] == 1.0 and record["settings"]["object_order"] == "top-down"
+    assert 0 < record["grounding_loss_mean_of_last_50"] < 2
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["text_config"]["num_key_value_heads"] == 2
 
 
 def test_a_frozen_tower_is_saved_as_it_was_built(tmp_path):
