@@ -42,6 +42,7 @@ VISION_STREAM = 2  # the vision-only stage's scenes
 OBJECT_ORDERS = ("left-right", "top-down")
 VQVAE_FILE = "vae-oid.npz"  # the masks' VQ-VAE, next to the weights
 LOC_FEATURES = 16  # sin/cos of 8 octaves per box coordinate
+TEXT_HEADS = 4  # the decoder's attention heads
 PATCH_OUTPUTS = 1 + len(PATCH_CLASSES) + 4 + 4 * LOC_FEATURES  # the patch head: class logits, box, box features
 
 
@@ -73,7 +74,7 @@ class TrainSettings:
     text_hidden: int = 256
     text_layers: int = 4
     object_order: str = "top-down"  # of the objects in `detect`/`segment` targets (`object_key`)
-    text_kv_heads: int = 1  # key/value heads of the decoder's 4 attention heads (1: multi-query, as Gemma 2B)
+    text_kv_heads: int = 1  # key/value heads of the decoder's TEXT_HEADS attention heads (1: multi-query, as Gemma 2B)
     vision_hidden: int = 192
     vision_layers: int = 4
 
@@ -89,6 +90,8 @@ class TrainSettings:
         if not 0 <= self.vision_share < 1:
             raise ValueError(f"vision_share must be within [0, 1), got {self.vision_share}")
         object_key(self.object_order)
+        if self.text_kv_heads <= 0 or TEXT_HEADS % self.text_kv_heads:
+            raise ValueError(f"text_kv_heads must divide the {TEXT_HEADS} attention heads, got {self.text_kv_heads}")
 
     def checkpoint_shape(self) -> CheckpointShape:
         return CheckpointShape(
@@ -96,9 +99,9 @@ class TrainSettings:
             image_size=self.image_size,
             text_hidden=self.text_hidden,
             text_layers=self.text_layers,
-            text_heads=4,
+            text_heads=TEXT_HEADS,
             kv_heads=self.text_kv_heads,
-            head_dim=self.text_hidden // 4,
+            head_dim=self.text_hidden // TEXT_HEADS,
             text_mlp=4 * self.text_hidden,
             vision_hidden=self.vision_hidden,
             vision_layers=self.vision_layers,
@@ -155,7 +158,7 @@ def training_examples(
     count: int,
     encoder: MaskEncoder | None = None,
     look_only: bool = False,
-    order: str = "left-right",
+    order: str = TrainSettings.object_order,
 ) -> list[TrainingExample]:
     """``count`` examples from fresh scenes; `segment` ones only with an ``encoder``; ``look_only``: captions
     and answers only (the curriculum's first steps); the objects of `detect` and `segment` targets in ``order``
@@ -467,8 +470,9 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         trainable += list(patch_head.parameters()) if patch_weight else []
-        grounding_head = torch.nn.Linear(settings.text_hidden, 1)
-        trainable += list(grounding_head.parameters()) if settings.grounding_weight else []
+        grounding_head = torch.nn.Linear(settings.text_hidden, 1) if settings.grounding_weight else None
+        trainable += list(grounding_head.parameters()) if grounding_head is not None else []
+        grounding_layer = max(1, settings.text_layers // 2)  # hidden_states[0] is the embeddings: after a layer
         image_token_id = processor.tokenizer.convert_tokens_to_ids(spec.IMAGE_TOKEN)
         optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.01)
         rng = np.random.default_rng(settings.seed)
@@ -486,17 +490,19 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(settings, step, done)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-                output = model(**inputs, output_hidden_states=bool(settings.grounding_weight))
+                output = model(**inputs, output_hidden_states=grounding_head is not None)
                 dense = patch_head(tower_output["features"]) if patch_weight else None
             loss = example_loss(output.logits, labels, loc_ids, settings)
-            if dense is not None or settings.grounding_weight:
+            if dense is not None or grounding_head is not None:
                 classes, boxes = zip(*(patch_targets(example.shapes, grid) for example in examples))
             if dense is not None:
-                classes_t, boxes_t = torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(boxes))
-                loss = loss + patch_weight * patch_loss(dense.float(), classes_t, boxes_t)
-            if settings.grounding_weight:
-                targets = [query_patches(e.prompt, c) for e, c in zip(examples, classes)]
-                hidden = output.hidden_states[settings.text_layers // 2]
+                patch_classes, patch_boxes = torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(boxes))
+                loss = loss + patch_weight * patch_loss(dense.float(), patch_classes, patch_boxes)
+            targets = []
+            if grounding_head is not None:
+                targets = [query_patches(example.prompt, c) for example, c in zip(examples, classes)]
+            if any(target is not None for target in targets):  # none in the answers-only first steps
+                hidden = output.hidden_states[grounding_layer]
                 image_tokens = inputs["input_ids"] == image_token_id
                 grounding = grounding_loss(hidden, image_tokens, grounding_head, targets)
                 grounding_losses.append(grounding.item())

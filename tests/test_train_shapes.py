@@ -192,7 +192,8 @@ def test_settings_a_user_can_get_wrong_are_refused(tmp_path):
 
     from .conftest import run_cli
 
-    for wrong in ({"image_size": 100}, {"minutes": 0}, {"final_lr_share": 1.5}, {"vision_share": 1.0}):
+    wrongs = ({"image_size": 100}, {"minutes": 0}, {"final_lr_share": 1.5}, {"vision_share": 1.0}, {"text_kv_heads": 3})
+    for wrong in wrongs:
         with pytest.raises(ValueError):
             TrainSettings(**wrong)
     for args in (["--image-size", "100"], ["--minutes", "-1"], ["--vision-share", "-1"], ["--vision-share", "1"]):
