@@ -77,3 +77,18 @@ def table(report: dict) -> str:
             )
         lines.append(f"{name:<10}" + "".join(cells))
     return "\n".join(lines)
+
+
+def comparison_table(reports: dict[str, dict]) -> str:
+    """Side by side: one row per task and metric, one column per named report (e.g. fp32, int4)."""
+    names = list(reports)
+    lines = [f"{'task':<10}{'metric':<13}" + "".join(f"{name:>10}" for name in names)]
+    first = reports[names[0]]
+    for task in sorted(first):
+        for column in COLUMNS[1:]:
+            if column not in first[task]:
+                continue
+            values = [reports[name].get(task, {}).get(column) for name in names]
+            cells = "".join(f"{'—':>10}" if value is None else f"{value:>10.3f}" for value in values)
+            lines.append(f"{task:<10}{column:<13}" + cells)
+    return "\n".join(lines)

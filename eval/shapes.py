@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..runtime.errors import CheckpointError
 from ..runtime.output_dirs import atomic_output_dir
 from ..runtime.outputs import mask_to_rle
 
 SIZE = 224
 HELDOUT_SEED, HELDOUT_SCENES = 1000, 60  # the shipped held-out set: a seed training never draws from
 HELDOUT_SET = Path(__file__).parent / "data" / "shapes-heldout" / "data.jsonl"
+TRAINED_DIR = Path(__file__).parent / "trained"  # the shipped models (`trained_model`)
 COLORS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 195, 30)}
 KINDS = ("circle", "square", "triangle")
 SIDE_RANGE = (0.20, 0.45)  # bounding-box side as a share of the image side
@@ -52,6 +54,20 @@ class Shape:
 
 def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def trained_model(version: int) -> Path:
+    """The shipped PaliGemma ``version`` (1 or 2) trained on this set: a transformers checkpoint directory with
+    its `vae-oid.npz` and `training.json` (`export/ship_shapes.py`)."""
+    if version not in (1, 2):
+        raise ValueError(f"PaliGemma version must be 1 or 2, got {version!r}")
+    path = TRAINED_DIR / f"shapes-pg{version}"
+    if not path.is_dir():
+        raise CheckpointError(
+            f"no trained PaliGemma {version} ships with this version (it has not met the quality bar yet); "
+            f"train one: paligemma-edge train-shapes OUT --version {version}"
+        )
+    return path
 
 
 def make_scene(rng: np.random.Generator) -> tuple[Image.Image, list[Shape]]:

@@ -8,7 +8,8 @@ the model learns the tasks. Scenes come from `eval.shapes` (fresh ones every ste
 PaliGemma's own formats: captions, counts, colours, and `detect` boxes as `<loc>` tokens (y before x, 1024 bins;
 objects top to bottom), `segment` as boxes plus `<seg>` codes of a small VQ-VAE trained first. The loss is on the
 suffix only (the processor's ``suffix=``), with `<loc>` tokens weighted up, plus a grounding loss that teaches the
-decoder's middle layer which image tokens a `detect`/`segment` prompt asks for. The vision tower's position
+decoder's middle layer which image tokens a `detect`/`segment` prompt asks for, and a pointing loss that makes one
+attention head look at the shape the target is describing while it is written. The vision tower's position
 embeddings are fixed 2-D sine-cosine tables, so localisation does not wait for them to be learnt. Steps run under
 bfloat16 autocast with a warm-up and a cosine learning rate over the time budget. The checkpoint is written in
 transformers' PaliGemma format with a `training.json` that says how it was made.
@@ -61,6 +62,7 @@ class TrainSettings:
     loc_sigma: float = 8.0  # <loc> targets: a Gaussian over the bins, this wide (0: the exact bin only)
     look_first_steps: int = 300  # answers and captions only at first, so the model learns to use the image
     grounding_weight: float = 1.0  # a loss on the decoder's middle layer: which image tokens the prompt asks for
+    pointing_weight: float = 1.0  # a loss on one attention head: while the target describes a shape, look at it
     patch_loss_weight: float = 1.0  # the patch loss next to the tasks when the tower keeps training (0: none)
     segment: bool = True  # train `segment` too (a VQ-VAE for the masks is trained first)
     look_check_every: int = 500  # steps between look checks (loss with real vs shuffled images, training.json)
@@ -122,19 +124,33 @@ def loc_tokens(box: tuple[int, ...] | list[int], size: int) -> str:
     return "".join(bin_of(v) for v in (y0, x0, y1, x1))
 
 
+def detect_object(box: tuple[int, ...] | list[int], label: str, size: int) -> str:
+    """One object of a `detect` target: its four `<loc>` tokens and its label."""
+    return f"{loc_tokens(box, size)} {label}"
+
+
+def segment_object(shape: Shape, encoder: MaskEncoder, size: int) -> str:
+    """One object of a `segment` target: its four `<loc>` tokens, 16 `<seg>` codes of its box crop, its label."""
+    codes = "".join(spec.seg_token(code) for code in encoder.encode_shape(shape))
+    return f"{loc_tokens(shape.box, size)}{codes} {shape.label}"
+
+
 def loc_target(boxes: list[dict], size: int) -> str:
-    """`detect` target: per box its four `<loc>` tokens and its label, objects joined by " ; "."""
-    return spec.OBJECT_SEPARATOR.join(f"{loc_tokens(item['box'], size)} {item['label']}" for item in boxes)
+    """`detect` target: `detect_object` per box, objects joined by " ; "."""
+    return spec.OBJECT_SEPARATOR.join(detect_object(item["box"], item["label"], size) for item in boxes)
 
 
 def segment_target(shapes: list[Shape], encoder: MaskEncoder, size: int) -> str:
-    """`segment` target: per shape its four `<loc>` tokens, 16 `<seg>` codes of its box crop, and its label."""
-    objects = []
-    for shape in shapes:
-        locs = loc_tokens(shape.box, size)
-        codes = "".join(spec.seg_token(code) for code in encoder.encode_shape(shape))
-        objects.append(f"{locs}{codes} {shape.label}")
-    return spec.OBJECT_SEPARATOR.join(objects)
+    """`segment` target: `segment_object` per shape, objects joined by " ; "."""
+    return spec.OBJECT_SEPARATOR.join(segment_object(shape, encoder, size) for shape in shapes)
+
+
+class ObjectSpan(NamedTuple):
+    """The characters ``target[start:end]`` that describe ``shape``."""
+
+    start: int
+    end: int
+    shape: Shape
 
 
 class TrainingExample(NamedTuple):
@@ -142,6 +158,17 @@ class TrainingExample(NamedTuple):
     prompt: str
     target: str
     shapes: list[Shape]  # the whole scene, for the vision tower's per-patch targets
+    objects: tuple[ObjectSpan, ...] = ()  # where the target describes which shape (`pointing_loss`)
+
+
+def object_spans(target: str, pieces: list[tuple[str, Shape]]) -> tuple[ObjectSpan, ...]:
+    """Where each (text, shape) piece occurs in ``target``, in order (each after the previous one)."""
+    spans, position = [], 0
+    for text, shape in pieces:
+        start = target.index(text, position)
+        position = start + len(text)
+        spans.append(ObjectSpan(start, position, shape))
+    return tuple(spans)
 
 
 def object_key(order: str):
@@ -151,6 +178,17 @@ def object_key(order: str):
     if order not in OBJECT_ORDERS:
         raise ValueError(f"object order must be one of {OBJECT_ORDERS}, got {order!r}")
     return (lambda box: (box[0], box[1])) if order == "left-right" else (lambda box: (box[1], box[0]))
+
+
+def answer_pieces(example: dict, shapes: list[Shape]) -> list[tuple[str, Shape]]:
+    """The shapes an answer names: a caption's "a <color> <kind>" parts (in the scene's order, as `caption`
+    writes them) or the one shape a colour question asks about; none for a count."""
+    if example["task"] == "caption":
+        return [(f"a {shape.label}", shape) for shape in shapes]
+    if example["task"] == "color":
+        kind = example["prompt"].split()[-2]  # "answer en what color is the <kind> ?"
+        return [(example["answer"], next(shape for shape in shapes if shape.kind == kind))]
+    return []
 
 
 def training_examples(
@@ -170,15 +208,21 @@ def training_examples(
             if look_only and "answer" not in example:
                 continue
             if "answer" in example:
-                examples.append(TrainingExample(image, example["prompt"], example["answer"], shapes))
+                target, pieces = example["answer"], answer_pieces(example, shapes)
             elif "boxes" in example:
-                target = loc_target(sorted(example["boxes"], key=lambda item: key(item["box"])), image.width)
-                examples.append(TrainingExample(image, example["prompt"], target, shapes))
+                by_box = {shape.box: shape for shape in shapes}
+                boxes = sorted(example["boxes"], key=lambda item: key(item["box"]))
+                pieces = [(detect_object(b["box"], b["label"], image.width), by_box[tuple(b["box"])]) for b in boxes]
+                target = spec.OBJECT_SEPARATOR.join(text for text, _ in pieces)
             elif encoder is not None:
                 label = example["prompt"].removeprefix("segment ")
                 selected = sorted((s for s in shapes if s.label == label), key=lambda s: key(s.box))
-                target = segment_target(selected, encoder, image.width)
-                examples.append(TrainingExample(image, example["prompt"], target, shapes))
+                pieces = [(segment_object(shape, encoder, image.width), shape) for shape in selected]
+                target = spec.OBJECT_SEPARATOR.join(text for text, _ in pieces)
+            else:
+                continue
+            spans = object_spans(target, pieces)
+            examples.append(TrainingExample(image, example["prompt"], target, shapes, spans))
     order = rng.permutation(len(examples))[:count]
     return [examples[i] for i in order]
 
@@ -310,6 +354,50 @@ def grounding_loss(hidden, image_tokens, head, targets: list[np.ndarray | None])
     logits = head(features.float())[..., 0]
     target = torch.from_numpy(np.stack([targets[i] for i in rows]))
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+
+def shape_patches(shape: Shape, grid: int) -> np.ndarray:
+    """[grid²] 1.0 on the patches of a grid×grid image that the shape covers a tenth of (else its most covered)."""
+    cover = np.asarray(_coverage(shape, grid)).reshape(-1)
+    patches = (cover >= 0.1).astype(np.float32)
+    patches[cover.argmax()] = 1.0
+    return patches
+
+
+def pointing_targets(examples: list[TrainingExample], labels, tokenizer, grid: int) -> np.ndarray:
+    """[B, S, grid²] targets of `pointing_loss`: at each position whose next token (``labels`` [B, S], the
+    processor's) describes a shape (`TrainingExample.objects`), 1.0 on that shape's patches; zero rows elsewhere."""
+    targets = np.zeros((*labels.shape, grid * grid), np.float32)
+    for row, example in enumerate(examples):
+        if not example.objects:
+            continue
+        patches = [shape_patches(span.shape, grid) for span in example.objects]
+        offsets = tokenizer(example.target, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        positions = np.flatnonzero(np.asarray(labels[row]) != -100)  # the target's tokens, then <eos>
+        if len(positions) != len(offsets) + 1:
+            raise ValueError(f"{len(positions)} label positions for {len(offsets)} target tokens + <eos>")
+        for position, (_, end) in zip(positions, offsets):
+            for span, shape_mask in zip(example.objects, patches):
+                if span.start <= end - 1 < span.end:  # a token's last character: "▁red" starts at the space
+                    targets[row, position - 1] = shape_mask
+    return targets
+
+
+def pointing_loss(attention, image_tokens, targets):
+    """Mean over the positions that have a target of −log(the attention mass one head puts on the patches of the
+    shape the next token describes): ``attention`` [B, S, S] probabilities, ``image_tokens`` [B, S] bool,
+    ``targets`` [B, S, N] from `pointing_targets`. While the model writes a shape's box, label or colour, the head
+    reads that shape's image tokens (what says where it is), not the last shape's (captions and `detect`
+    repeated one shape in place of the next: run 12, RESULTS.md)."""
+    import torch
+
+    batch, length, _ = attention.shape
+    on_image = attention.float().masked_select(image_tokens[:, None, :]).view(batch, length, -1)
+    rows = targets.sum(-1) > 0
+    if not rows.any():
+        return attention.new_zeros((), dtype=torch.float32)
+    mass = (on_image * targets).sum(-1)[rows]
+    return -torch.log(mass.clamp(min=1e-6)).mean()
 
 
 def loc_features(position: np.ndarray) -> np.ndarray:
@@ -473,11 +561,14 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
         grounding_head = torch.nn.Linear(settings.text_hidden, 1) if settings.grounding_weight else None
         trainable += list(grounding_head.parameters()) if grounding_head is not None else []
         grounding_layer = max(1, settings.text_layers // 2)  # hidden_states[0] is the embeddings: after a layer
+        pointing_layer = settings.text_layers // 2  # its head 0 learns to look at the shape being described
+        if settings.pointing_weight:
+            model.set_attn_implementation("eager")  # the one that returns attention probabilities
         image_token_id = processor.tokenizer.convert_tokens_to_ids(spec.IMAGE_TOKEN)
         optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.01)
         rng = np.random.default_rng(settings.seed)
         look_check, look_checks = LookCheck(processor, encoder, settings), []
-        step, losses, grounding_losses = 0, [], []
+        step, losses, grounding_losses, pointing_losses = 0, [], [], []
         budget, model_start = settings.minutes * 60, time.perf_counter()
         bar = tqdm(total=settings.max_steps, desc="train", unit="step", disable=not progress)
         while (settings.max_steps is None or step < settings.max_steps) and time.perf_counter() - start < budget:
@@ -490,7 +581,11 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(settings, step, done)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-                output = model(**inputs, output_hidden_states=grounding_head is not None)
+                output = model(
+                    **inputs,
+                    output_hidden_states=grounding_head is not None,
+                    output_attentions=bool(settings.pointing_weight),
+                )
                 dense = patch_head(tower_output["features"]) if patch_weight else None
             loss = example_loss(output.logits, labels, loc_ids, settings)
             if dense is not None or grounding_head is not None:
@@ -498,15 +593,21 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
             if dense is not None:
                 patch_classes, patch_boxes = torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(boxes))
                 loss = loss + patch_weight * patch_loss(dense.float(), patch_classes, patch_boxes)
+            image_tokens = inputs["input_ids"] == image_token_id
             targets = []
             if grounding_head is not None:
                 targets = [query_patches(example.prompt, c) for example, c in zip(examples, classes)]
             if any(target is not None for target in targets):  # none in the answers-only first steps
                 hidden = output.hidden_states[grounding_layer]
-                image_tokens = inputs["input_ids"] == image_token_id
                 grounding = grounding_loss(hidden, image_tokens, grounding_head, targets)
                 grounding_losses.append(grounding.item())
                 loss = loss + settings.grounding_weight * grounding
+            if settings.pointing_weight:
+                looks = torch.from_numpy(pointing_targets(examples, labels, processor.tokenizer, grid))
+                if looks.any():  # not in a batch of counts only
+                    pointing = pointing_loss(output.attentions[pointing_layer][:, 0], image_tokens, looks)
+                    pointing_losses.append(pointing.item())
+                    loss = loss + settings.pointing_weight * pointing
             losses.append(optimizer_step(optimizer, loss, trainable))
             step += 1
             if step % settings.look_check_every == 0:
@@ -527,6 +628,7 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
             "seconds": round(seconds, 1),
             "final_loss_mean_of_last_50": float(np.mean(losses[-50:])) if losses else math.nan,
             "grounding_loss_mean_of_last_50": float(np.mean(grounding_losses[-50:])) if grounding_losses else None,
+            "pointing_loss_mean_of_last_50": float(np.mean(pointing_losses[-50:])) if pointing_losses else None,
             "look_check": look_checks,
             "loss_every_50_steps": [round(float(np.mean(losses[i : i + 50])), 4) for i in range(0, len(losses), 50)],
             "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads()},

@@ -252,7 +252,7 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
     from .export.train_shapes import TrainSettings, train
 
     # the recipe's defaults unless given
-    chosen = ("vision_share", "freeze_vision", "grounding_weight", "object_order", "text_kv_heads")
+    chosen = ("vision_share", "freeze_vision", "grounding_weight", "pointing_weight", "object_order", "text_kv_heads")
     recipe = {name: getattr(args, name) for name in chosen if getattr(args, name) is not None}
     try:
         settings = TrainSettings(
@@ -271,6 +271,13 @@ def _cmd_train_shapes(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(train(settings, args.out_dir, overwrite=args.overwrite))
+    return 0
+
+
+def _cmd_ship_shapes(args: argparse.Namespace) -> int:
+    from .export.ship_shapes import ship
+
+    print(ship(args.trained, args.out_dir, overwrite=args.overwrite))
     return 0
 
 
@@ -577,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the loss that marks the image tokens a `detect`/`segment` asks for (0: none)",
     )
     trainer.add_argument(
+        "--pointing-weight",
+        type=_nonnegative_float,
+        help="weight of the loss that makes one attention head look at the shape the target is describing (0: none)",
+    )
+    trainer.add_argument(
         "--object-order",
         choices=["left-right", "top-down"],
         help="order of the objects in `detect`/`segment` targets (default: as the recipe says)",
@@ -587,6 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--seed", type=int, default=0, help="weights and data")
     trainer.add_argument("--overwrite", action="store_true", help=overwrite_help)
     trainer.set_defaults(func=_cmd_train_shapes)
+
+    shipper = sub.add_parser("ship-shapes", help="copy a train-shapes output with float16 weights (as shipped)")
+    shipper.add_argument("trained", type=Path, help="a train-shapes output directory")
+    shipper.add_argument("out_dir", type=Path, help="where to write it (e.g. eval/trained/shapes-pg2)")
+    shipper.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    shipper.set_defaults(func=_cmd_ship_shapes)
 
     bench = sub.add_parser("bench", help="latency, memory and roofline per export, against transformers")
     bench.add_argument("export_dirs", type=Path, nargs="+", help="export directories, each measured in its own process")
@@ -657,7 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     info.set_defaults(func=_cmd_info)
 
-    demo = sub.add_parser("demo", help="build a tiny RANDOM checkpoint, export it and run it (no download)")
+    demo = sub.add_parser(
+        "demo", help="the shipped shapes model: export, verify, int4, every task on a scene, fp32/int4 eval"
+    )
     demo.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"), help="where to build it")
     demo.add_argument("--json", action="store_true", help=json_help)
     demo.set_defaults(func=_cmd_demo)

@@ -9,6 +9,7 @@ import onnx
 
 from paligemma_edge import PaliGemma
 from paligemma_edge.export.exporter import ExportSettings, export_model
+from paligemma_edge.runtime import spec
 from paligemma_edge.runtime.export_format import load_manifest
 
 
@@ -60,12 +61,39 @@ def test_fp16_export_runs_within_tolerance(exports, tmp_path, images):
 
 
 def test_demo_job(tmp_path, capsys):
-    from paligemma_edge.demo import run_demo
+    """`make demo`: the shipped PaliGemma 2 exported (verified), int4, every task on a held-out scene of a yellow
+    triangle, a green circle and a blue square, a drawing, and the held-out eval of both exports."""
+    from PIL import Image
+
+    from paligemma_edge.demo import DEMO_DETECT, DEMO_SCENE, run_demo
+    from paligemma_edge.eval.data import read_examples
+    from paligemma_edge.eval.shapes import HELDOUT_SET
+    from paligemma_edge.runtime.outputs import box_iou
 
     report = run_demo(tmp_path, as_json=True)
-    assert "RANDOM" in report["note"] and report["verification"]["passed"]
+    assert report["verification"]["passed"]
+    assert report["answers"] == {
+        "caption en": "a yellow triangle, a green circle and a blue square",
+        "answer en how many shapes are there ?": "3",
+        "answer en what color is the circle ?": "green",
+    }
+    (truth,) = [
+        e
+        for e in read_examples(HELDOUT_SET)
+        if e.prompt == f"detect {' ; '.join(DEMO_DETECT)}" and e.image.as_posix().endswith(DEMO_SCENE)
+    ]
+    found = {o["label"]: o["box"] for o in report["detect"]["objects"]}
+    assert len(report["detect"]["objects"]) == len(truth.boxes) == 2
+    assert all(box_iou(found[label], box) > 0.8 for label, box in truth.boxes)
+    (circle,) = report["segment"]["objects"]
+    assert circle["label"] == "green circle" and len(circle["seg_codes"]) == spec.SEG_CODES_PER_OBJECT
+    assert report["segment"]["mask_pixels"][0] > 0
+    drawing = Image.open(report["drawing"])
+    colours = np.unique(np.asarray(drawing).reshape(-1, 3), axis=0)
+    assert drawing.size == (224, 224) and len(colours) > 10  # the scene with boxes and masks on it
+    assert set(report["eval"]) >= {"fp32", "int4"} and report["eval"]["examples"] == 384
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed["timings_s"]) >= {"export_and_verify_s", "load_s", "vision_encode_s", "caption_s"}
+    assert set(printed["timings_s"]) >= {"export_and_verify_s", "quantize_int4_s", "eval_fp32_s", "eval_int4_s"}
 
 
 def test_isolated_torch_stage_gives_the_same_export(exports, tmp_path):

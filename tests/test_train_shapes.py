@@ -12,16 +12,21 @@ from paligemma_edge.export.train_shapes import (
     PATCH_CLASSES,
     PATCH_OUTPUTS,
     TrainSettings,
+    answer_pieces,
     example_loss,
     grounding_loss,
     learning_rate,
     loc_features,
     loc_target,
     object_key,
+    object_spans,
     patch_loss,
     patch_targets,
+    pointing_loss,
+    pointing_targets,
     pretrain_vision,
     query_patches,
+    shape_patches,
     share_done,
     sincos_2d,
     smoke_settings,
@@ -99,6 +104,91 @@ def test_grounding_loss_reads_the_image_tokens_of_examples_with_a_target():
     expected = torch.nn.functional.softplus(torch.tensor(-3.0))  # both patches right by a logit margin of 3
     torch.testing.assert_close(grounding_loss(hidden, image_tokens, head, targets), expected)
     assert grounding_loss(hidden, image_tokens, head, [None, None]).item() == 0.0
+
+
+def test_object_spans_and_answer_pieces_known_answers():
+    from paligemma_edge.eval.shapes import Shape
+
+    circle, square = Shape("circle", "red", (0, 0, 56, 56)), Shape("square", "blue", (112, 112, 224, 224))
+    caption = {"task": "caption", "prompt": "caption en", "answer": "a red circle and a blue square"}
+    pieces = answer_pieces(caption, [circle, square])
+    assert pieces == [("a red circle", circle), ("a blue square", square)]
+    assert object_spans(caption["answer"], pieces) == ((0, 12, circle), (17, 30, square))
+    color = {"task": "color", "prompt": "answer en what color is the square ?", "answer": "blue"}
+    assert answer_pieces(color, [circle, square]) == [("blue", square)]
+    assert answer_pieces({"task": "count", "prompt": "answer en how many shapes are there ?", "answer": "2"}, []) == []
+    # the same text twice: each piece is found after the previous one
+    twice = object_spans("a red circle and a red circle", [("a red circle", circle), ("a red circle", square)])
+    assert [(span.start, span.end) for span in twice] == [(0, 12), (17, 29)]
+
+
+def test_training_examples_say_where_their_target_describes_each_shape():
+    seen = set()
+    for example in training_examples(np.random.default_rng(1), 64, order="top-down"):
+        task = example.prompt.split()[0]
+        texts = [example.target[span.start : span.end] for span in example.objects]
+        if task == "detect":
+            seen.add(task)
+            assert len(example.objects) == example.target.count("<loc") // spec.LOC_TOKENS_PER_BOX
+            assert all(
+                text.startswith(loc_target([{"label": "", "box": span.shape.box}], 224).strip())
+                for text, span in zip(texts, example.objects)
+            )
+            assert [span.shape.box[1] for span in example.objects] == sorted(s.shape.box[1] for s in example.objects)
+        elif task == "caption":
+            seen.add(task)
+            assert texts == [f"a {span.shape.label}" for span in example.objects] and len(texts) == len(example.shapes)
+        elif "color" in example.prompt:
+            seen.add("color")
+            assert texts == [example.target] and example.objects[0].shape.kind == example.prompt.split()[-2]
+        else:
+            assert example.objects == ()  # counts name no shape
+    assert seen == {"detect", "caption", "color"}
+
+
+def test_pointing_targets_mark_the_described_shapes_patches_before_each_of_its_tokens():
+    from paligemma_edge.eval.shapes import Shape
+    from paligemma_edge.export.random_checkpoint import build_tokenizer
+    from paligemma_edge.export.train_shapes import TrainingExample
+
+    circle, square = Shape("circle", "red", (0, 0, 56, 56)), Shape("square", "blue", (112, 112, 224, 224))
+    circle_patches, square_patches = shape_patches(circle, 4), shape_patches(square, 4)
+    assert np.flatnonzero(circle_patches).tolist() == [0] and np.flatnonzero(square_patches).tolist() == [
+        10,
+        11,
+        14,
+        15,
+    ]
+    tokenizer = build_tokenizer(words=["a", "red", "blue", "circle", "square", "and"])
+    target = "a red circle and a blue square"
+    pieces = answer_pieces({"task": "caption", "prompt": "caption en", "answer": target}, [circle, square])
+    example = TrainingExample(None, "caption en", target, [circle, square], object_spans(target, pieces))
+    tokens = tokenizer(target, add_special_tokens=False)["input_ids"]
+    assert len(tokens) == 7  # a ▁red ▁circle ▁and ▁a ▁blue ▁square
+    labels = np.full((1, 12), -100)
+    labels[0, 4:] = [*tokens, tokenizer.eos_token_id]  # 4 prompt positions, the target, <eos>
+    targets = pointing_targets([example], labels, tokenizer, 4)
+    expected = np.zeros((1, 12, 16), np.float32)
+    expected[0, 3:6] = circle_patches  # the positions that predict "a", "▁red", "▁circle"
+    expected[0, 7:10] = square_patches  # "▁and" (predicted at 6) names no shape; <eos> at 11 neither
+    np.testing.assert_array_equal(targets, expected)
+    with pytest.raises(ValueError, match="label positions"):
+        pointing_targets([example], labels[:, 1:] * 0 - 100, tokenizer, 4)
+
+
+def test_pointing_loss_known_answer():
+    torch = pytest.importorskip("torch")
+    # one example, 4 positions: 0 and 1 are image tokens; position 3 predicts a token about the shape on patch 1
+    attention = torch.zeros(1, 4, 4)
+    attention[0, 3] = torch.tensor([0.1, 0.3, 0.2, 0.4])
+    attention[0, 2] = torch.tensor([0.9, 0.0, 0.1, 0.0])  # no target there: not scored
+    image_tokens = torch.tensor([[True, True, False, False]])
+    targets = torch.zeros(1, 4, 2)
+    targets[0, 3, 1] = 1.0
+    torch.testing.assert_close(pointing_loss(attention, image_tokens, targets), -torch.log(torch.tensor(0.3)))
+    targets[0, 3, 0] = 1.0  # both patches: the mass on the image
+    torch.testing.assert_close(pointing_loss(attention, image_tokens, targets), -torch.log(torch.tensor(0.4)))
+    assert pointing_loss(attention, image_tokens, torch.zeros(1, 4, 2)).item() == 0.0
 
 
 def test_example_loss_known_answers():
@@ -234,15 +324,16 @@ def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, 
 def test_the_command_line_trains_in_fp32_when_asked(tmp_path):
     from .conftest import run_cli
 
-    recipe = ("--grounding-weight", "0.5", "--object-order", "top-down", "--kv-heads", "2")
+    recipe = ("--grounding-weight", "0.5", "--pointing-weight", "0.25", "--object-order", "top-down", "--kv-heads", "2")
     out = run_cli(
         "train-shapes", tmp_path / "out", "--fp32", "--max-steps", "1", "--batch-size", "2", "--no-segment", *recipe
     )
     assert out.returncode == 0, out.stderr
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert record["steps"] == 1 and record["settings"]["bf16"] is False and record["vqvae"] is None
-    chosen = {key: record["settings"][key] for key in ("grounding_weight", "object_order", "text_kv_heads")}
-    assert chosen == {"grounding_weight": 0.5, "object_order": "top-down", "text_kv_heads": 2}
+    keys = ("grounding_weight", "pointing_weight", "object_order", "text_kv_heads")
+    chosen = {key: record["settings"][key] for key in keys}
+    assert chosen == {"grounding_weight": 0.5, "pointing_weight": 0.25, "object_order": "top-down", "text_kv_heads": 2}
 
 
 def test_the_vision_stage_trains_the_tower_alone(tmp_path):
@@ -260,13 +351,15 @@ def test_the_vision_stage_trains_the_tower_alone(tmp_path):
     assert not any("position_embedding" in name for name in changed)  # the fixed 2-D table stays fixed
 
 
-def test_the_grounding_loss_trains_with_the_decoder(tmp_path):
-    """With ``grounding_weight`` the decoder's middle layer learns which patches a `detect` asks for (recorded
-    apart); top-down targets and the decoder's key/value heads come from the settings too."""
+def test_the_grounding_and_pointing_losses_train_with_the_decoder(tmp_path):
+    """With ``grounding_weight`` the decoder's middle layer learns which patches a `detect` asks for, with
+    ``pointing_weight`` one head where the described shape is (each recorded apart); top-down targets and the
+    decoder's key/value heads come from the settings too."""
     settings = replace(
         smoke_settings(1),
         look_first_steps=0,
         grounding_weight=1.0,
+        pointing_weight=1.0,
         object_order="top-down",
         text_kv_heads=2,
         segment=False,
@@ -276,6 +369,7 @@ def test_the_grounding_loss_trains_with_the_decoder(tmp_path):
     record = json.loads((checkpoint / "training.json").read_text())
     assert record["settings"]["grounding_weight"] == 1.0 and record["settings"]["object_order"] == "top-down"
     assert 0 < record["grounding_loss_mean_of_last_50"] < 2
+    assert 0 < record["pointing_loss_mean_of_last_50"] < -np.log(1e-6)  # a real attention mass, not the floor
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["text_config"]["num_key_value_heads"] == 2
 
@@ -295,3 +389,22 @@ def test_a_frozen_tower_is_saved_as_it_was_built(tmp_path):
     assert tower and all(torch.equal(built.state_dict()[name], after[name]) for name in tower)
     projector = "model.multi_modal_projector.linear.weight"
     assert not torch.equal(built.state_dict()[projector], after[projector])  # the rest did train
+
+
+def test_shipping_a_trained_checkpoint_halves_its_weights_and_says_so(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from paligemma_edge.export.ship_shapes import ship
+    from paligemma_edge.runtime.errors import CheckpointError, OutputPathError
+
+    trained = train(replace(smoke_settings(2), segment=False), tmp_path / "trained", progress=False)
+    shipped = ship(trained, tmp_path / "shipped")
+    assert {tensor.dtype for tensor in load_file(shipped / "model.safetensors").values()} == {torch.float16}
+    record = json.loads((shipped / "training.json").read_text())
+    assert record["steps"] == 3 and "float16" in record["shipped"]["weights"]
+    assert (shipped / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
+    with pytest.raises(OutputPathError, match="exists"):
+        ship(trained, shipped)
+    with pytest.raises(CheckpointError, match="training.json"):
+        ship(tmp_path / "shipped-nothing", tmp_path / "other")

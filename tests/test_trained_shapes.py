@@ -1,0 +1,96 @@
+"""The shipped shapes models (issue #11): how they were made, exact parity after export, and task quality.
+
+The quality bar is the issue's, on the shipped held-out set, for the fp32 export and the default int4 recipe: a
+regression in export, quantization, output parsing or mask decoding fails here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paligemma_edge.eval.data import read_examples
+from paligemma_edge.eval.run import evaluate
+from paligemma_edge.eval.shapes import HELDOUT_SET, TRAINED_DIR, trained_model
+from paligemma_edge.export.exporter import ExportSettings, export_model
+from paligemma_edge.quant.quantize import quantize_export
+from paligemma_edge.quant.recipes import RECIPES
+from paligemma_edge.runtime import spec
+from paligemma_edge.runtime.errors import CheckpointError
+from paligemma_edge.runtime.model import PaliGemma
+
+SHIPPED = (2,)  # PaliGemma 1 does not meet the bar yet (RESULTS.md, run 14): it does not ship
+BAR = {"caption": ("exact_match", 0.90), "count": ("exact_match", 0.95), "detect": ("map50", 0.90)}
+BAR["segment"] = ("mask_iou", 0.75)
+INT4_LOSS = 0.03  # the issue's expectation of int4: within 3 points of fp32 on every task metric
+
+
+@pytest.fixture(scope="module", params=SHIPPED, ids=lambda version: f"pg{version}")
+def exports(request, tmp_path_factory):
+    """(version, fp32 export, int4 export) of a shipped model, with its mask decoder."""
+    checkpoint = trained_model(request.param)
+    out = tmp_path_factory.mktemp(f"shapes-pg{request.param}")
+    export_model(checkpoint, out / "fp32", ExportSettings(seg_decoder=checkpoint / "vae-oid.npz"))
+    quantize_export(out / "fp32", out / "int4", RECIPES["int4"])
+    return request.param, out / "fp32", out / "int4"
+
+
+@pytest.fixture(scope="module")
+def scores(exports):
+    version, fp32, int4 = exports
+    examples = read_examples(HELDOUT_SET)
+    return version, {name: evaluate(PaliGemma.load(path), examples) for name, path in (("fp32", fp32), ("int4", int4))}
+
+
+def test_the_shipped_weights_fit_and_say_how_they_were_trained():
+    total = sum(path.stat().st_size for path in TRAINED_DIR.rglob("*") if path.is_file())
+    assert total <= 40 * 2**20
+    for version in SHIPPED:
+        checkpoint = trained_model(version)
+        record = json.loads((checkpoint / "training.json").read_text())
+        assert record["settings"]["version"] == version and record["settings"]["minutes"] <= 60
+        assert record["steps"] > 0 and 0 < record["seconds"] <= 60 * 60 + 60 and "seed" in record["settings"]
+        assert "float16" in record["shipped"]["weights"]
+        config = json.loads((checkpoint / "config.json").read_text())
+        assert config["text_config"]["model_type"] == ("gemma" if version == 1 else "gemma2")
+    with pytest.raises(ValueError, match="1 or 2"):
+        trained_model(3)
+    with pytest.raises(CheckpointError, match="train-shapes OUT --version 1"):
+        trained_model(1)
+
+
+@pytest.mark.parametrize(
+    ("scene", "prompt", "steps"),
+    [
+        ("images/00039.png", "caption en", 24),
+        ("images/00039.png", "detect triangle ; square", 16),
+        ("images/00003.png", "segment green circle", 28),
+    ],
+)
+def test_the_export_matches_transformers_token_for_token(exports, scene, prompt, steps):
+    """Greedy tokens equal and teacher-forced logits within tolerance on held-out scenes, `<loc>`/`<seg>` included."""
+    from paligemma_edge.export.checkpoint import load_checkpoint
+    from paligemma_edge.export.verify import transformers_reference, verify_export
+
+    version, fp32, _ = exports
+    hf_model, processor = load_checkpoint(trained_model(version))
+    reference = transformers_reference(hf_model, processor, prompt, steps, HELDOUT_SET.parent / scene)
+    report = verify_export(reference, fp32)
+    assert report.passed and report.tokens_agree, report.to_dict()
+    text = processor.tokenizer.decode(report.hf_tokens)
+    if prompt.startswith(("detect", "segment")):
+        assert text.count("<loc") >= spec.LOC_TOKENS_PER_BOX  # a real box, not a degenerate output
+    if prompt.startswith("segment"):
+        assert text.count("<seg") == spec.SEG_CODES_PER_OBJECT
+
+
+def test_heldout_quality_meets_the_bar_in_fp32_and_int4(scores):
+    version, reports = scores
+    for name, report in reports.items():
+        for task, (metric, threshold) in BAR.items():
+            assert report[task][metric] >= threshold, (version, name, task, metric, report[task])
+    for task, metrics in reports["fp32"].items():
+        for metric, value in metrics.items():
+            if metric != "examples":
+                assert reports["int4"][task][metric] >= value - INT4_LOSS, (version, task, metric)
