@@ -49,7 +49,7 @@ def test_training_examples_are_prompts_and_targets_in_paligemma_formats():
     assert len(examples) == 64
     prompts = {example.prompt.split()[0] for example in examples}
     assert prompts <= {"caption", "answer", "detect"} and {"caption", "answer", "detect"} <= prompts
-    for image, prompt, target, shapes in examples:
+    for image, prompt, target, shapes, _ in examples:
         assert image.size == (224, 224) and target and 1 <= len(shapes) <= 3
         if prompt.startswith("detect"):
             assert target.count("<loc") % spec.LOC_TOKENS_PER_BOX == 0 and target.count("<loc") > 0
