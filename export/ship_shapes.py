@@ -26,11 +26,13 @@ def ship(trained: str | Path, out_dir: str | Path, overwrite: bool = False) -> P
     from transformers import PaliGemmaForConditionalGeneration
 
     trained = Path(trained)
+    if not trained.is_dir():
+        raise CheckpointError(f"{trained} is not a directory: give a `train-shapes` output.")
     if not (trained / TRAINED_MARKER).is_file():
         raise CheckpointError(f"{trained} has no {TRAINED_MARKER}: only `train-shapes` outputs ship.")
     record = json.loads((trained / TRAINED_MARKER).read_text())
-    model = PaliGemmaForConditionalGeneration.from_pretrained(trained, dtype=torch.float32)
-    with atomic_output_dir(out_dir, overwrite, sources=[trained]) as work:
+    with atomic_output_dir(out_dir, overwrite, sources=[trained]) as work:  # a bad OUT fails before the load
+        model = PaliGemmaForConditionalGeneration.from_pretrained(trained, dtype=torch.float32)
         model.to(torch.float16).save_pretrained(work)
         for name in COPIED:
             if (trained / name).is_file():

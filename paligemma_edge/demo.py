@@ -16,6 +16,25 @@ DEMO_SCENE = "images/00039.png"  # held-out: a yellow triangle, a green circle a
 DEMO_QUESTIONS = ("caption en", "answer en how many shapes are there ?", "answer en what color is the circle ?")
 DEMO_DETECT = ("circle", "triangle")
 DEMO_SEGMENT = "green circle"
+DEMO_MARKER = ".paligemma-edge-demo"  # marks a directory as the demo's own, so re-runs may replace what is in it
+
+
+def claim_work_dir(work_dir: Path) -> Path:
+    """``work_dir`` as the demo's scratch space: new, empty, or an earlier demo's (its marker); anything else of
+    the user's is refused (OutputPathError), since the demo replaces its outputs there."""
+    from .runtime.errors import OutputPathError
+    from .runtime.output_dirs import check_output_dir
+
+    work_dir = Path(work_dir)
+    check_output_dir(work_dir, overwrite=True)
+    if work_dir.is_dir() and any(work_dir.iterdir()) and not (work_dir / DEMO_MARKER).is_file():
+        raise OutputPathError(
+            f"{work_dir} is not empty and is not an earlier demo's directory: choose a new or empty directory "
+            "(the demo replaces its own outputs there)."
+        )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / DEMO_MARKER).touch()
+    return work_dir
 
 
 def run_demo(work_dir: Path, as_json: bool = False) -> dict:
@@ -27,9 +46,8 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
     from .quant.recipes import RECIPES
     from .runtime.draw import draw_objects
     from .runtime.model import PaliGemma
-    from .runtime.output_dirs import check_output_dir
 
-    work_dir = Path(work_dir)
+    work_dir = claim_work_dir(work_dir)
     timings: dict[str, float] = {}
 
     def timed(name, fn, *args, **kwargs):
@@ -38,8 +56,6 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
         timings[name] = round(time.perf_counter() - start, 3)
         return value
 
-    check_output_dir(work_dir, overwrite=True)  # the demo's own scratch space: re-running replaces its outputs
-    work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = trained_model(2)
     fp32_dir, int4_dir = work_dir / "export-fp32", work_dir / "export-int4"
     settings = ExportSettings(seg_decoder=checkpoint / "vae-oid.npz")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 
 from paligemma_edge import PaliGemma
 from paligemma_edge.export.exporter import ExportSettings, export_model
@@ -94,6 +95,19 @@ def test_demo_job(tmp_path, capsys):
     assert set(report["eval"]) >= {"fp32", "int4"} and report["eval"]["examples"] == 384
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["timings_s"]) >= {"export_and_verify_s", "quantize_int4_s", "eval_fp32_s", "eval_int4_s"}
+
+
+def test_the_demo_reuses_only_its_own_directory(tmp_path):
+    from paligemma_edge.demo import DEMO_MARKER, claim_work_dir
+    from paligemma_edge.runtime.errors import OutputPathError
+
+    work = claim_work_dir(tmp_path / "new")  # created, and marked as the demo's
+    (work / "demo.png").write_text("an earlier run's drawing")
+    assert claim_work_dir(work) == work and (work / DEMO_MARKER).is_file()  # a re-run may replace it
+    (work / DEMO_MARKER).unlink()
+    with pytest.raises(OutputPathError, match="not an earlier demo"):
+        claim_work_dir(work)
+    assert (work / "demo.png").read_text() == "an earlier run's drawing"
 
 
 def test_isolated_torch_stage_gives_the_same_export(exports, tmp_path):

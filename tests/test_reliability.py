@@ -286,11 +286,16 @@ def test_cli_faults_fail_before_work(exports, source, image_file, tmp_path):
     a_file.write_text("x")
     bad_npz = tmp_path / "bad.npz"
     bad_npz.write_bytes(b"\x80\x04 not an npz")
+    users_dir = tmp_path / "pictures"  # the user's own files where the demo would write demo.png
+    users_dir.mkdir()
+    (users_dir / "demo.png").write_text("mine")
     cases = [
         (("export", ckpt, a_file), "is a file"),
         (("quantize", source, a_file, "--recipe", "int4"), "is a file"),
         (("random-checkpoint", "--preset", "paligemma-3b-224", a_file), "is a file"),
         (("demo", a_file), "is a file"),
+        (("demo", users_dir), "not an earlier demo"),
+        (("ship-shapes", tmp_path / "nothing", tmp_path / "o4"), "not a directory"),
         (("export", ckpt, tmp_path / "o1", "--seg-decoder", tmp_path / "missing.npz"), "does not exist"),
         (("export", ckpt, tmp_path / "o2", "--seg-decoder", bad_npz), "not an .npz archive"),
         (("attach-seg-decoder", pg1, bad_npz), "not an .npz archive"),
@@ -309,7 +314,8 @@ def test_cli_faults_fail_before_work(exports, source, image_file, tmp_path):
         one_line_error(out, message)
         assert time.perf_counter() - start < 30, args  # not after an export: these fail first
     assert tree_digest(pg1) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a-file", "bad.npz", "fp32", "image.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a-file", "bad.npz", "fp32", "image.png", "pictures"])
+    assert [p.name for p in users_dir.iterdir()] == ["demo.png"] and (users_dir / "demo.png").read_text() == "mine"
     assert run_cli("bench", pg1, "--repeat", "0").returncode == 2
 
 

@@ -406,5 +406,6 @@ def test_shipping_a_trained_checkpoint_halves_its_weights_and_says_so(tmp_path):
     assert (shipped / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
     with pytest.raises(OutputPathError, match="exists"):
         ship(trained, shipped)
+    (tmp_path / "not-trained").mkdir()
     with pytest.raises(CheckpointError, match="training.json"):
-        ship(tmp_path / "shipped-nothing", tmp_path / "other")
+        ship(tmp_path / "not-trained", tmp_path / "other")
