@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .checks import is_int, is_number
 from .errors import ChecksumMismatchError, CorruptExportError, ExportNotFoundError, OutputPathError
+from .output_dirs import new_file_mode
 
 FORMAT_NAME = "paligemma-edge"
 # v2: the decoder reads a KV buffer and returns only the new tokens' keys/values.
@@ -239,6 +240,7 @@ class Manifest:
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_FILE}.")
             with os.fdopen(fd, "w") as handle:
                 handle.write(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.chmod(tmp, new_file_mode())  # mkstemp's file is private
             os.replace(tmp, path)
         except OSError as error:
             if tmp is not None:

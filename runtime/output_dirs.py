@@ -2,7 +2,8 @@
 
 A command writes into a hidden temporary directory beside its target and renames it into place only
 when everything (export, verification, checksums, manifest) is done. A failure or Ctrl-C leaves the
-target as it was. A non-empty target is refused unless ``overwrite`` is given.
+target as it was. A non-empty target is refused unless ``overwrite`` is given. What appears has the permissions the
+user's umask gives new files (the temporary directory and files start private).
 """
 
 from __future__ import annotations
@@ -100,7 +101,31 @@ def publish_dir(work: str | Path, target: str | Path, overwrite: bool = False) -
     return target
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode the user's umask gives a new file (0o644 under the usual umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def share_as_new_files(directory: Path) -> None:
+    """Give ``directory`` and everything in it the modes the umask gives new directories and files (an executable
+    file stays one): `tempfile` makes its directories and files private (0o700, 0o600), so an export made by one
+    account could not be read by a server running as another."""
+    mask = _umask()
+    for path in (directory, *directory.rglob("*")):
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def _move_into_place(work: Path, target: Path) -> None:
+    share_as_new_files(work)
     if not target.exists():
         os.rename(work, target)
         return

@@ -440,3 +440,27 @@ def test_output_dir_helpers_refuse_sources_and_files(tmp_path):
         (work / "half").write_text("written")
         raise KeyError("fails half-way")
     assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("umask", "dir_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_outputs_get_the_modes_of_new_files(tmp_path, umask, dir_mode, file_mode):
+    """The temporary directory and files (mkdtemp, mkstemp) start private; what appears follows the umask."""
+    import os
+    import stat
+    import tempfile
+
+    from paligemma_edge.runtime.output_dirs import atomic_output_dir
+
+    previous = os.umask(umask)
+    try:
+        with atomic_output_dir(tmp_path / "out") as work:
+            fd, private = tempfile.mkstemp(dir=work)
+            os.close(fd)
+            (work / "nested").mkdir(mode=0o700)
+            (work / "tool").write_text("#!/bin/sh\n")
+            (work / "tool").chmod(0o700)
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (out, *out.iterdir())}
+    assert modes == {"out": dir_mode, Path(private).name: file_mode, "nested": dir_mode, "tool": dir_mode}
