@@ -64,8 +64,8 @@ def trained_model(version: int) -> Path:
     path = TRAINED_DIR / f"shapes-pg{version}"
     if not path.is_dir():
         raise CheckpointError(
-            f"no trained PaliGemma {version} ships with this version (it has not met the quality bar yet); "
-            f"train one: paligemma-edge train-shapes OUT --version {version}"
+            f"no trained PaliGemma {version} at {path} (the repository ships eval/trained/shapes-pg1 and -pg2; "
+            f"is this an incomplete install?); train one: paligemma-edge train-shapes OUT --version {version}"
         )
     return path
 

@@ -399,7 +399,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.work_dir), as_json=args.json)
+    run_demo(Path(args.work_dir), as_json=args.json, version=args.version)
     return 0
 
 
@@ -679,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the shipped shapes model: export, verify, int4, every task on a scene, fp32/int4 eval"
     )
     demo.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"), help="where to build it")
+    demo.add_argument(
+        "--version", type=int, choices=(1, 2), default=2, help="the shipped PaliGemma 1 or 2 (default: 2)"
+    )
     demo.add_argument("--json", action="store_true", help=json_help)
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -1,9 +1,10 @@
 """The built-in default job: the shipped shapes model (issue #11) → export (verified) → int4 → every task → eval.
 
-The PaliGemma 2 trained on the synthetic shapes (`eval/trained/shapes-pg2`, a few million parameters, with its
-VQ-VAE mask decoder) is exported to ONNX and verified against transformers, quantized to int4, and run on a
-held-out scene: a caption, two answers, `detect` and `segment`, drawn to ``demo.png``. Last, both exports are
-scored on the held-out set (`eval/data/shapes-heldout`) side by side. A minute or so on 2 cores.
+A PaliGemma trained on the synthetic shapes (`eval/trained/shapes-pg2` by default, `--version 1` for `shapes-pg1`;
+a few million parameters, with its VQ-VAE mask decoder) is exported to ONNX and verified against transformers,
+quantized to int4, and run on a held-out scene: a caption, two answers, `detect` and `segment`, drawn to
+``demo.png``. Last, both exports are scored on the held-out set (`eval/data/shapes-heldout`) side by side. A minute
+or so on 2 cores.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def claim_work_dir(work_dir: Path) -> Path:
     return work_dir
 
 
-def run_demo(work_dir: Path, as_json: bool = False) -> dict:
+def run_demo(work_dir: Path, as_json: bool = False, version: int = 2) -> dict:
     from .eval.data import read_examples
     from .eval.run import comparison_table, evaluate
     from .eval.shapes import HELDOUT_SET, trained_model
@@ -56,7 +57,7 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
         timings[name] = round(time.perf_counter() - start, 3)
         return value
 
-    checkpoint = trained_model(2)
+    checkpoint = trained_model(version)
     fp32_dir, int4_dir = work_dir / "export-fp32", work_dir / "export-int4"
     settings = ExportSettings(seg_decoder=checkpoint / "vae-oid.npz")
     manifest = timed("export_and_verify_s", export_model, checkpoint, fp32_dir, settings, overwrite=True)
@@ -76,6 +77,7 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
     }
     report = {
         "checkpoint": str(checkpoint),
+        "version": version,
         "export_dir": str(int4_dir),
         "verification": manifest.verification,
         "image": str(scene),
@@ -94,7 +96,7 @@ def run_demo(work_dir: Path, as_json: bool = False) -> dict:
         print(json.dumps(report, indent=2))
         return report
     verification = report["verification"]
-    print(f"\nmodel: {checkpoint.name} (PaliGemma 2 trained on synthetic shapes), int4; scene: {scene.name}")
+    print(f"\nmodel: {checkpoint.name} (PaliGemma {version} trained on synthetic shapes), int4; scene: {scene.name}")
     print(
         f"export verified against transformers: {verification['passed']} "
         f"(max |Δlogit| {verification['max_abs_logit_diff']:.2e}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -95,6 +96,17 @@ def test_demo_job(tmp_path, capsys):
     assert set(report["eval"]) >= {"fp32", "int4"} and report["eval"]["examples"] == 384
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["timings_s"]) >= {"export_and_verify_s", "quantize_int4_s", "eval_fp32_s", "eval_int4_s"}
+
+
+def test_the_demo_runs_the_shipped_paligemma_1_too(tmp_path, capsys):
+    """`demo --version 1`: the shipped PaliGemma 1 (a Gemma decoder), verified, with the scene's answers right."""
+    from paligemma_edge.cli import main
+
+    assert main(["demo", str(tmp_path), "--version", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["version"] == 1 and Path(report["checkpoint"]).name == "shapes-pg1"
+    assert report["verification"]["passed"] and report["answers"]["caption en"].startswith("a yellow triangle, a green")
+    assert len(report["detect"]["objects"]) == 2 and len(report["segment"]["objects"]) == 1
 
 
 def test_the_demo_reuses_only_its_own_directory(tmp_path):
