@@ -169,12 +169,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         import tempfile
 
         from .eval.data import read_examples
+        from .quant.recipes import DEFAULT_BLOCK_SIZE
         from .quant.sweep import run_sweep, sweep_table
 
         examples = read_examples(args.data)[: args.limit] if args.data else None  # bad lines fail first
         with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
             rows = run_sweep(
-                args.ref_dir, Path(work), images, prompt_list, args.block_size or 32, not args.asymmetric, examples
+                args.ref_dir,
+                Path(work),
+                images,
+                prompt_list,
+                args.block_size or DEFAULT_BLOCK_SIZE,
+                not args.asymmetric,
+                examples,
             )
         print(json.dumps(rows, indent=2) if args.json else sweep_table(rows))
         return 0
@@ -210,6 +217,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None
     from .quant.recipes import (
         BLOCK_SIZES,
         DECODER_PRECISIONS,
+        DEFAULT_BLOCK_SIZE,
         EMBEDDING_PRECISIONS,
         GGUF_RECIPES,
         LM_HEAD_PRECISIONS,
@@ -230,7 +238,9 @@ def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None
     parser.add_argument("--decoder", choices=DECODER_PRECISIONS, default=None, help="override the decoder body")
     parser.add_argument("--lm-head", choices=LM_HEAD_PRECISIONS, default=None, help="override the LM head")
     parser.add_argument("--embeddings", choices=EMBEDDING_PRECISIONS, default=None, help="override the lookup table")
-    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None, help="MatMulNBits block (32)")
+    parser.add_argument(
+        "--block-size", type=int, choices=BLOCK_SIZES, default=None, help=f"MatMulNBits block ({DEFAULT_BLOCK_SIZE})"
+    )
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) MatMulNBits")
     parser.add_argument(
         "--accuracy-level",

@@ -15,7 +15,7 @@ from ..eval.run import evaluate
 from ..runtime.model import PaliGemma
 from .compare import compare_exports
 from .quantize import quantize_export
-from .recipes import Recipe
+from .recipes import DEFAULT_BLOCK_SIZE, Recipe
 
 SWEEP = (
     ("vision", {"vision": "fp16"}),
@@ -35,7 +35,7 @@ def run_sweep(
     work_dir: Path,
     images,
     prompt_list,
-    block_size: int = 32,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     symmetric: bool = True,
     eval_examples: list[Example] | None = None,
 ) -> list[dict]:

@@ -15,7 +15,7 @@ from paligemma_edge.export.exporter import ExportSettings, export_model
 from paligemma_edge.export.random_checkpoint import CheckpointShape, _build, _save
 from paligemma_edge.quant.compare import compare_exports, default_images, logit_metrics
 from paligemma_edge.quant.quantize import load_lazily, quantize_export, read_tensor
-from paligemma_edge.quant.recipes import RECIPES, Recipe, get_recipe
+from paligemma_edge.quant.recipes import DEFAULT_BLOCK_SIZE, RECIPES, Recipe, get_recipe
 from paligemma_edge.runtime.export_format import Manifest, load_manifest
 from paligemma_edge.runtime.images import demo_image_path
 
@@ -88,7 +88,7 @@ def test_int4_graph_uses_matmulnbits(quantized, exports):
     blocks = {
         next(a.i for a in n.attribute if a.name == "block_size") for n in model.graph.node if n.op_type == "MatMulNBits"
     }
-    assert blocks == {32}
+    assert blocks == {DEFAULT_BLOCK_SIZE}
 
 
 def test_int8_graphs_hold_integer_weights(quantized):
