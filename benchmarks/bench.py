@@ -18,7 +18,13 @@ from statistics import median
 import onnx
 from tqdm.auto import tqdm
 
-from ..runtime.export_format import EMBED_ROWS_PREFIX, LLAMACPP_BACKEND, Manifest, load_manifest
+from ..runtime.export_format import (
+    EMBED_ROWS_PREFIX,
+    LLAMACPP_BACKEND,
+    PREFILL_WEIGHTS_PREFIX,
+    Manifest,
+    load_manifest,
+)
 from .machine import machine_info, roofline
 from .worker import STAGES
 
@@ -26,11 +32,11 @@ KV_BYTES_PER_VALUE = 4  # the runtime keeps the cache in fp32
 
 
 def _weight_bytes(graph_path: Path) -> int:
-    """Bytes of the initializers a decode step reads (the embedding lookup's own rows excluded)."""
+    """Bytes of the initializers a decode step reads (the embedding lookup's rows and prompts' weights excluded)."""
     model = onnx.load(str(graph_path), load_external_data=False)
     total = 0
     for init in model.graph.initializer:
-        if init.name.startswith(EMBED_ROWS_PREFIX):
+        if init.name.startswith((EMBED_ROWS_PREFIX, PREFILL_WEIGHTS_PREFIX)):
             continue
         external = {entry.key: entry.value for entry in init.external_data}
         total += int(external["length"]) if "length" in external else len(init.raw_data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,17 +24,30 @@ from ..runtime.images import demo_image_path
 from ..runtime.model import PaliGemma
 from .machine import cpu_flags, cpu_model
 
+CONTROL_FLOW = {"If", "Loop", "Scan"}  # their kernel time includes their subgraphs' kernels
+
 
 def _runs(trace: list[dict]) -> list[dict[str, float]]:
-    """Per session run: {op type: microseconds}, in run order."""
+    """Per session run: {op type: microseconds}, in run order. A control-flow node counts only its own time (its
+    span less the kernels that ran inside it), so no kernel is counted twice."""
     runs = sorted((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    nodes = [e for e in trace if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    nodes = sorted(
+        (e for e in trace if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
+        key=lambda e: e["ts"],
+    )
+    starts = [node["ts"] for node in nodes]
     out = []
     for run in runs:
         totals: dict[str, float] = defaultdict(float)
-        for node in nodes:
-            if run["ts"] <= node["ts"] <= run["ts"] + run["dur"]:
-                totals[node["args"]["op_name"]] += node["dur"]
+        first, last = bisect_left(starts, run["ts"]), bisect_right(starts, run["ts"] + run["dur"])
+        for index in range(first, last):
+            node, own = nodes[index], nodes[index]["dur"]
+            if node["args"]["op_name"] in CONTROL_FLOW:
+                end = bisect_right(starts, node["ts"] + node["dur"], lo=index + 1)
+                own -= sum(
+                    inner["dur"] for inner in nodes[index + 1 : end] if inner["args"]["op_name"] not in CONTROL_FLOW
+                )
+            totals[node["args"]["op_name"]] += own
         out.append(dict(totals))
     return out
 

@@ -38,6 +38,7 @@ def _recipe(args: argparse.Namespace):
         block_size=args.block_size,
         symmetric=False if args.asymmetric else None,
         accuracy_level=args.accuracy_level,
+        prefill=args.prefill,
     )
 
 
@@ -52,6 +53,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         query_chunk=args.query_chunk,
     )
     overrides = [args.vision, args.decoder, args.lm_head, args.embeddings, args.block_size, args.accuracy_level]
+    overrides.append(args.prefill)
     if not args.recipe and (any(o is not None for o in overrides) or args.asymmetric):
         raise PaliGemmaEdgeError("quantization options need a recipe: add --quant int8|int4|fp16.")
     if args.recipe:
@@ -221,6 +223,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None
         EMBEDDING_PRECISIONS,
         GGUF_RECIPES,
         LM_HEAD_PRECISIONS,
+        PREFILL_WEIGHTS,
         RECIPES,
         VISION_PRECISIONS,
     )
@@ -248,6 +251,12 @@ def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None
         choices=[0, 1, 2, 3, 4],
         default=None,
         help="MatMulNBits compute type (4 = int8 activations, CPU default)",
+    )
+    parser.add_argument(
+        "--prefill",
+        choices=PREFILL_WEIGHTS,
+        default=None,
+        help="int8: prompts run on an int8 copy of the int4 body (faster first token on CPUs, the body's size again)",
     )
 
 

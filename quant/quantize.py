@@ -26,6 +26,7 @@ from ..runtime.errors import QuantizationError
 from ..runtime.export_format import checksum_files, load_manifest
 from ..runtime.output_dirs import atomic_output_dir
 from .gguf_quant import quantize_gguf_export
+from .prefill_weights import quantize_columns, require_opset, route_prompts
 from .recipes import GGUF_RECIPES, RECIPES, GgufRecipe, Recipe
 
 ROWS_INT8, ROWS_SCALE = f"{fmt.EMBED_ROWS_PREFIX}int8", f"{fmt.EMBED_ROWS_PREFIX}scale"
@@ -241,6 +242,7 @@ def quantize_decoder(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
         head.name = head_name
     if not recipe.tied:
         untie_embeddings(model, recipe.embeddings)
+    prompt_copies = _int8_body(model, head) if recipe.prefill == "int8" else {}
     if recipe.decoder == "int4":
         model = _matmul_nbits(model, 4, recipe, include=None, exclude=[head_name])
     elif recipe.decoder == "int8":  # 8-bit MatMulNBits: quantize_dynamic was OOM-killed on a 3B decoder (24 GiB)
@@ -249,7 +251,20 @@ def quantize_decoder(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
         model = _matmul_nbits(model, 4, recipe, include=[head_name], exclude=None)
     elif recipe.lm_head == "int8":
         model = _matmul_nbits(model, 8, recipe, include=[head_name], exclude=None)
+    if prompt_copies and route_prompts(model, prompt_copies) != len(prompt_copies):
+        raise QuantizationError("not every decoder body matmul became MatMulNBits; the int8 prefill copy needs them")
     return model
+
+
+def _int8_body(model: onnx.ModelProto, head: onnx.NodeProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every body matmul's weight as per-column int8, by the matmul's output name (the prefill copy)."""
+    require_opset(model)
+    inits = {init.name: init for init in model.graph.initializer}
+    body = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits and n.output != head.output]
+    return {
+        node.output[0]: quantize_columns(read_tensor(inits[node.input[1]]))
+        for node in tqdm(body, desc="int8 prefill copy", unit="matmul", leave=False)
+    }
 
 
 def quantize_vision(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:

@@ -60,6 +60,8 @@ MASK_LOGITS = "mask_logits"
 
 # initializers of an untied embedding lookup (quantize writes them; bench leaves them out of per-token bytes)
 EMBED_ROWS_PREFIX = "embed_rows."
+# initializers only prompts read (the int4-fast-prefill recipe's int8 body; bench leaves them out of per-token bytes)
+PREFILL_WEIGHTS_PREFIX = "prefill."
 
 IMAGE_SLOT = -1  # a negative decoder input id marks a position filled from image_embeds
 _HASH_CHUNK = 16 * 1024 * 1024
@@ -290,7 +292,9 @@ class Manifest:
                 lines.append(
                     f"quantization: {recipe['name']} (vision {recipe['vision']}, decoder {recipe['decoder']}, "
                     f"LM head {recipe['lm_head']}, embeddings {recipe['embeddings']}, block {recipe['block_size']}, "
-                    f"{'symmetric' if recipe['symmetric'] else 'asymmetric'})"
+                    f"{'symmetric' if recipe['symmetric'] else 'asymmetric'}"
+                    + (f", prefill {recipe['prefill']}" if recipe.get("prefill", "same") != "same" else "")
+                    + ")"
                 )
         for reference, quality in self.quality.items():
             lines.append(

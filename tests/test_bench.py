@@ -138,6 +138,30 @@ def test_profile_ops_attributes_kernel_time(exports):
     assert "prefill:" in table(report) and isinstance(report["cpu_flags"], list)
 
 
+def test_profile_ops_counts_a_control_flow_node_without_its_subgraph():
+    """Known answer: onnxruntime's If event spans the kernels of the branch it ran; those count once, under their
+    own op types, and the If keeps only its own time."""
+    from paligemma_edge.benchmarks.profile_ops import _runs
+
+    def node(op: str, ts: int, dur: int) -> dict:
+        return {"cat": "Node", "name": f"{op}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    trace = [
+        {"name": "model_run", "ts": 0, "dur": 200},
+        node("If", 10, 100),
+        node("MatMulIntegerToFloat", 20, 60),
+        node("Mul", 85, 10),
+        node("Gather", 120, 5),
+        {"name": "model_run", "ts": 300, "dur": 50},
+        node("If", 310, 20),
+        node("MatMulNBits", 312, 15),
+    ]
+    assert _runs(trace) == [
+        {"If": 30, "MatMulIntegerToFloat": 60, "Mul": 10, "Gather": 5},
+        {"If": 5, "MatMulNBits": 15},
+    ]
+
+
 @pytest.mark.parametrize(
     "module,args,kernels",
     [

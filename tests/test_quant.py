@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -11,23 +12,23 @@ import torch
 from PIL import Image
 
 from paligemma_edge import PaliGemma
+from paligemma_edge.benchmarks.bench import decoder_weight_bytes
 from paligemma_edge.export.exporter import ExportSettings, export_model
 from paligemma_edge.export.random_checkpoint import CheckpointShape, _build, _save
 from paligemma_edge.quant.compare import compare_exports, default_images, logit_metrics
+from paligemma_edge.quant.prefill_weights import route_prompts
 from paligemma_edge.quant.quantize import load_lazily, quantize_export, read_tensor
 from paligemma_edge.quant.recipes import DEFAULT_BLOCK_SIZE, RECIPES, Recipe, get_recipe
+from paligemma_edge.runtime.backend import DecoderChunk
 from paligemma_edge.runtime.export_format import Manifest, load_manifest
+from paligemma_edge.runtime.generation import prefix_chunk
 from paligemma_edge.runtime.images import demo_image_path
 
 from .conftest import run_cli
 
 
-def graph_ops(path) -> dict[str, int]:
-    model = onnx.load(str(path), load_external_data=False)
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+def graph_ops(path) -> Counter[str]:
+    return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def graph_bytes(manifest: Manifest, graph: str) -> int:
@@ -255,6 +256,52 @@ def test_export_with_quant_flag(exports, tmp_path):
     PaliGemma.load(tmp_path / "q")
 
 
+def test_fast_prefill_runs_prompts_on_int8_and_steps_on_the_int4_body(quantized, exports, images):
+    """int4-fast-prefill: a prompt (many positions) takes the int8 copy, a decode step exactly the int4 body."""
+    plain, fast = (quantized[name]["dir"] for name in ("int4", "int4-fast-prefill"))
+    body = graph_ops(plain / "decoder.onnx")["MatMulNBits"] - 1  # all but the LM head
+    routed = onnx.load(str(fast / "decoder.onnx"), load_external_data=False)
+    branches = [
+        {a.name: Counter(n.op_type for n in a.g.node) for a in n.attribute}
+        for n in routed.graph.node
+        if n.op_type == "If"
+    ]
+    routes = [b for b in branches if b["else_branch"] == {"MatMulNBits": 1}]  # not the chunked-attention Ifs
+    assert len(routes) == body and graph_ops(fast / "decoder.onnx")["MatMulNBits"] == 1  # the head stays outside
+    assert all(b["then_branch"]["MatMulIntegerToFloat"] == 1 for b in routes)
+    # a decode step streams the int4 body alone: bench's roofline leaves the prompts' copy out
+    assert decoder_weight_bytes(load_manifest(fast)) == decoder_weight_bytes(load_manifest(plain))
+
+    reference, plain, fast = (PaliGemma.load(d) for d in (exports["pg1"].export_dir, plain, fast))
+    sequence = reference.new_sequence(images[0], "caption en", max_new_tokens=4)
+    prompt = prefix_chunk([sequence.prompt_ids], [sequence.image_features], reference.tokens)
+    logits = {
+        name: m.decoder.forward(m.decoder.new_cache(1), prompt)
+        for name, m in [("fp32", reference), ("int4", plain), ("fast", fast)]
+    }
+    error = {name: np.abs(logits[name] - logits["fp32"]).max() for name in ("int4", "fast")}
+    assert error["fast"] < 0.5 * error["int4"]  # the prompt ran on the int8 copy, not the 4-bit body
+
+    cache = plain.decoder.new_cache(1)
+    plain.decoder.forward(cache, prompt)
+    ones = np.ones((1, 1), dtype=bool)
+    step = DecoderChunk(
+        input_ids=np.array([[int(logits["int4"][0, -1].argmax())]]),
+        image_embeds=None,
+        positions=prompt.positions[:, -1:] + 1,
+        is_suffix=ones,
+        valid=ones,
+        logits_at=np.zeros((1, 1), dtype=np.int64),
+    )
+    np.testing.assert_array_equal(
+        fast.decoder.forward(cache.select([0]), step), plain.decoder.forward(cache.select([0]), step)
+    )
+    # activations are quantized per row, so a left-padded batch prefills each row as it would alone
+    prompts = ["caption en", "detect house ; car ; sun"]
+    batched = fast.generate(images[:2], prompts, max_new_tokens=8)
+    assert [r.token_ids for r in batched] == [fast.generate(i, p, 8).token_ids for i, p in zip(images, prompts)]
+
+
 def test_recipe_validation():
     with pytest.raises(ValueError, match="embeddings"):
         Recipe("x", embeddings="int4")
@@ -262,3 +309,12 @@ def test_recipe_validation():
         Recipe("x", decoder="fp16", lm_head="int8")
     with pytest.raises(ValueError, match="Unknown recipe"):
         get_recipe("int3")
+    with pytest.raises(ValueError, match="int8 prefill copy"):
+        get_recipe("int8").with_overrides(prefill="int8")
+    with pytest.raises(ValueError, match="prefill must be"):
+        Recipe("x", decoder="int4", prefill="int4")
+    old_export = onnx.helper.make_model(
+        onnx.helper.make_graph([], "g", [], []), opset_imports=[onnx.helper.make_opsetid("", 18)]
+    )
+    with pytest.raises(ValueError, match="opset 21 or later .this one is 18"):
+        route_prompts(old_export, {})
