@@ -55,7 +55,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     overrides = [args.vision, args.decoder, args.lm_head, args.embeddings, args.block_size, args.accuracy_level]
     overrides.append(args.prefill)
     if not args.recipe and (any(o is not None for o in overrides) or args.asymmetric):
-        raise PaliGemmaEdgeError("quantization options need a recipe: add --quant int8|int4|fp16.")
+        from .quant.recipes import RECIPES
+
+        raise PaliGemmaEdgeError(f"quantization options need a recipe: add --quant {'|'.join(RECIPES)}.")
     if args.recipe:
         from .quant.pipeline import export_quantized
 

@@ -70,6 +70,7 @@ def test_user_errors_are_one_line_and_exit_2(exports, images, tmp_path):
         (("quantize", pg1, tmp_path / "a", "--recipe", "int4", "--decoder", "fp16"), "fp16 applies to the whole"),
         (("quantize", tmp_path / "int8", tmp_path / "b", "--recipe", "int4"), "already quantized"),
         (("quantize", pg1, tmp_path / "c", "--recipe", "int8", "--prefill", "int8"), "int8 prefill copy"),
+        (("export", tmp_path / "nowhere", tmp_path / "d", "--prefill", "int8"), "--quant int8|int4|int4-fast-prefill"),
         (("compare", pg1, pg2), "different models"),
         (("compare", pg1, pg1, "--images", tmp_path / "nowhere"), "not a directory"),
         (("compare", pg1, pg1, "--prompts", tmp_path / "nowhere.txt"), "Cannot read prompts"),
