@@ -2,8 +2,10 @@
 
 python -m paligemma_edge.benchmarks.matmul_kernels [--rows 262 1030] [--threads 2] [--json]
 
-A [rows, 2048] × [2048, 16384] product (a Gemma-2B MLP projection): fp32 MatMul, int8 `quantize_dynamic`, and
-MatMulNBits at 4 and 8 bits × block 32…256 × accuracy level 0 / 4 — the same quantizers `quantize` uses.
+A [rows, 2048] × [2048, 16384] product (a Gemma-2B MLP projection): fp32 MatMul, int8 `quantize_dynamic`,
+MatMulNBits at 4 and 8 bits × block 32…256 × accuracy level 0 / 4, and the prompt path of `int4-fast-prefill`
+(per-row int8 activations × 7-bit per-column weights) — built by the same code `quantize` uses. Each row also gives
+the kernel's relative error against the float64 product.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from ..quant import prefill_weights
 from .machine import cpu_flags, cpu_model, run_times
 
 K, N = 2048, 16384
@@ -54,11 +57,35 @@ def matmul_nbits(model: onnx.ModelProto, bits: int, block: int, accuracy_level: 
     return quantizer.model.model
 
 
-def time_model(model: onnx.ModelProto, activations: np.ndarray, threads: int, repeat: int = 5) -> float:
+def int8_per_row(weight: np.ndarray) -> onnx.ModelProto:
+    """The prompt branch of an ``int4-fast-prefill`` body matmul, alone (row quantization included)."""
+    quantized, scale = prefill_weights.quantize_columns(weight)
+    graph = helper.make_graph(
+        prefill_weights.int8_matmul_nodes("a", "w", "w_scale", K, "y"),
+        "int8_per_row",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+        prefill_weights.shared_constants()
+        + [numpy_helper.from_array(quantized, "w"), numpy_helper.from_array(scale, "w_scale")],
+    )
+    opsets = [helper.make_opsetid("", prefill_weights.MIN_OPSET), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def time_model(
+    model: onnx.ModelProto, activations: np.ndarray, threads: int, repeat: int = 5
+) -> tuple[float, np.ndarray]:
+    """Median seconds per run, and the product."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return median(run_times(lambda: session.run(None, {"a": activations}), repeat))
+    seconds = median(run_times(lambda: session.run(None, {"a": activations}), repeat))
+    return seconds, session.run(None, {"a": activations})[0]
+
+
+def relative_error(product: np.ndarray, exact: np.ndarray) -> float:
+    """‖product − exact‖ / ‖exact‖ (Frobenius)."""
+    return float(np.linalg.norm(product - exact) / np.linalg.norm(exact))
 
 
 def main() -> None:
@@ -69,19 +96,34 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.INFO)  # the quantizers log every node
     rng = np.random.default_rng(0)
-    reference = fp32_matmul((rng.normal(size=(K, N)) * 0.02).astype(np.float32))
+    weight = (rng.normal(size=(K, N)) * 0.02).astype(np.float32)
+    reference = fp32_matmul(weight)
     with tempfile.TemporaryDirectory() as work:
         kernels = {"fp32 MatMul": reference, "int8 quantize_dynamic": int8_dynamic(reference, Path(work))}
+    kernels["int8 per-row (int4-fast-prefill prompts)"] = int8_per_row(weight)
     for bits, block, level in NBITS_VARIANTS:
         kernels[f"MatMulNBits {bits}-bit block {block} accuracy {level}"] = matmul_nbits(reference, bits, block, level)
     rows = []
     for m in args.rows:
         activations = rng.normal(size=(m, K)).astype(np.float32)
+        exact = activations.astype(np.float64) @ weight.astype(np.float64)
         for name, model in kernels.items():
-            seconds = time_model(model, activations, args.threads)
-            rows.append({"rows": m, "kernel": name, "ms": 1e3 * seconds, "gflops": 2 * m * K * N / seconds / 1e9})
+            seconds, product = time_model(model, activations, args.threads)
+            rows.append(
+                {
+                    "rows": m,
+                    "kernel": name,
+                    "ms": 1e3 * seconds,
+                    "gflops": 2 * m * K * N / seconds / 1e9,
+                    "relative_error": relative_error(product, exact),
+                }
+            )
             if not args.json:
-                print(f"M={m:5d}  {name:42s} {1e3 * seconds:8.1f} ms  {rows[-1]['gflops']:6.0f} GFLOP/s", flush=True)
+                print(
+                    f"M={m:5d}  {name:42s} {1e3 * seconds:8.1f} ms  {rows[-1]['gflops']:6.0f} GFLOP/s"
+                    f"  error {rows[-1]['relative_error']:.1e}",
+                    flush=True,
+                )
     if args.json:
         machine = {"cpu": cpu_model(), "flags": cpu_flags(), "threads": args.threads, "onnxruntime": ort.__version__}
         print(json.dumps({"machine": machine, "results": rows}, indent=1))

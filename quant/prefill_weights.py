@@ -46,7 +46,8 @@ def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(weight / scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8), scale
 
 
-def _constants() -> list[onnx.TensorProto]:
+def shared_constants() -> list[onnx.TensorProto]:
+    """The scalars every ``int8_matmul_nodes`` chain reads: the activations' zero point, ε, the axis, 1/127."""
     return [
         numpy_helper.from_array(np.array(128, np.uint8), _ZERO_POINT),
         numpy_helper.from_array(np.array(1.0, np.float32), _ONE),
@@ -67,7 +68,7 @@ def _is_prompt_nodes() -> list[onnx.NodeProto]:
     ]
 
 
-def _int8_matmul(x: str, weight: str, scale: str, depth: int, output: str) -> list[onnx.NodeProto]:
+def int8_matmul_nodes(x: str, weight: str, scale: str, depth: int, output: str) -> list[onnx.NodeProto]:
     """output = x [..., K] (float) @ weight [K, N] (int8, per-column ``scale``), x quantized per row: one block of
     ``depth`` = K values along the last axis (opset 21 blocked QuantizeLinear), so no reshapes."""
     p = f"{output}.int8."
@@ -104,7 +105,7 @@ def route_prompts(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, n
     RSS 4.6 → 7.4 GB at full size).
     """
     require_opset(model)
-    nodes, initializers = _is_prompt_nodes(), _constants()
+    nodes, initializers = _is_prompt_nodes(), shared_constants()
     wrapped = 0
     for node in model.graph.node:
         if node.op_type != "MatMulNBits" or node.output[0] not in weights:
@@ -116,7 +117,7 @@ def route_prompts(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, n
         step = onnx.NodeProto()
         step.CopyFrom(node)
         step.output[0] = f"{node.output[0]}.step"
-        prompt = _int8_matmul(node.input[0], weight_name, scale_name, len(quantized), f"{node.output[0]}.prompt")
+        prompt = int8_matmul_nodes(node.input[0], weight_name, scale_name, len(quantized), f"{node.output[0]}.prompt")
         then_branch, else_branch = _branch(prompt, prompt[-1].output[0]), _branch([step], step.output[0])
         nodes.append(
             helper.make_node(

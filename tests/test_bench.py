@@ -168,7 +168,12 @@ def test_profile_ops_counts_a_control_flow_node_without_its_subgraph():
         (
             "matmul_kernels",
             ["--rows", "4"],
-            {"fp32 MatMul", "int8 quantize_dynamic", "MatMulNBits 4-bit block 256 accuracy 4"},
+            {
+                "fp32 MatMul",
+                "int8 quantize_dynamic",
+                "int8 per-row (int4-fast-prefill prompts)",
+                "MatMulNBits 4-bit block 256 accuracy 4",
+            },
         ),
         ("attention_kernels", ["--keys", "16"], {"fp32 MatMul", "GQA fp32", "GQA fp16", "GQA fp32 Q/K/V, fp16 cache"}),
     ],
@@ -187,6 +192,11 @@ def test_kernel_benchmarks_run_and_report_their_machine(module, args, kernels):
     if module == "matmul_kernels":
         measured = {row["kernel"] for row in report["results"]}
         assert all(row["ms"] > 0 and row["gflops"] > 0 for row in report["results"])
+        error = {row["kernel"]: row["relative_error"] for row in report["results"]}
+        assert error["fp32 MatMul"] < 1e-5
+        # 8-bit rows × 7-bit columns: ~2 % of the product's norm; 4-bit weights: ~10 %
+        assert 1e-4 < error["int8 per-row (int4-fast-prefill prompts)"] < 0.03
+        assert 0.03 < error["MatMulNBits 4-bit block 256 accuracy 4"] < 0.3
     else:
         measured = set(report["results"][0]["ms"])
         assert all(ms > 0 for ms in report["results"][0]["ms"].values())
