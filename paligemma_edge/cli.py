@@ -52,8 +52,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         backend=args.backend,
         query_chunk=args.query_chunk,
     )
-    overrides = [args.vision, args.decoder, args.lm_head, args.embeddings, args.block_size, args.accuracy_level]
-    overrides.append(args.prefill)
+    overrides = [
+        args.vision,
+        args.decoder,
+        args.lm_head,
+        args.embeddings,
+        args.block_size,
+        args.accuracy_level,
+        args.prefill,
+    ]
     if not args.recipe and (any(o is not None for o in overrides) or args.asymmetric):
         from .quant.recipes import RECIPES
 
