@@ -5,6 +5,10 @@ python -m paligemma_edge.benchmarks.attention_kernels [--keys 262 4110] [--threa
 
 PaliGemma2-3B shapes: 8 query heads, 4 KV heads, head dim 256, attention softcap 50, 26 layers in one graph, one
 query row. GroupQueryAttention's cache buffers are bound as both past and present (written in place).
+
+The "scores" rows isolate the first product (queries × cached keys, 26 × 4 [keys, 256] matrices) to show why the
+cache is read below the machine's bandwidth: onnxruntime's CPU GEMM streams a runtime (not prepacked) matrix only
+for a single query row; Gemma 2's two query heads per KV head make it pack the cache on every call.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from statistics import median
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .machine import cpu_flags, cpu_model, run_times
 
@@ -94,6 +98,45 @@ def gqa_attention(keys: int, io_dtype, cache_dtype) -> bytes:
     return _model(nodes, inputs, outputs)
 
 
+SCORE_VARIANTS = {  # name: (query rows, cache layout, cache is a constant, one 1-row product per query row)
+    "scores, 2 query rows, [keys, dim] cache (today)": (2, "keys-major", False, False),
+    "scores, 1 query row, [keys, dim] cache": (1, "keys-major", False, False),
+    "scores, 1 query row, [dim, keys] cache": (1, "dim-major", False, False),
+    "scores, 2 query rows as two 1-row products, [dim, keys] cache": (2, "dim-major", False, True),
+    "scores, 2 query rows, prepacked constant (reference)": (2, "keys-major", True, False),
+}
+
+
+def score_product(keys: int, rows: int, layout: str, constant: bool, split: bool) -> tuple[bytes, dict]:
+    """rows × 256 queries times every layer's and KV head's cached keys; the cache a graph input unless constant.
+    split: each query row its own MatMul, back to back on the same matrix (the second pass finds it in cache)."""
+    f, rng = TensorProto.FLOAT, np.random.default_rng(0)
+    feeds = {"q": rng.normal(size=(rows, HEAD_DIM)).astype(np.float32)}
+    inputs, outputs, nodes, constants = [helper.make_tensor_value_info("q", f, [rows, HEAD_DIM])], [], [], []
+    queries = ["q"]
+    if split:
+        rows_split = helper.make_tensor("rows_split", TensorProto.INT64, [rows], [1] * rows)
+        constants.append(rows_split)
+        queries = [f"q{r}" for r in range(rows)]
+        nodes.append(helper.make_node("Split", ["q", "rows_split"], queries, axis=0))
+    shape = [keys, HEAD_DIM] if layout == "keys-major" else [HEAD_DIM, keys]
+    for i in range(LAYERS * KV_HEADS):
+        cache = rng.normal(size=shape).astype(np.float32)
+        if constant:
+            constants.append(numpy_helper.from_array(cache, f"k{i}"))
+        else:
+            inputs.append(helper.make_tensor_value_info(f"k{i}", f, shape))
+            feeds[f"k{i}"] = cache
+        if layout == "keys-major":  # transposed next to the MatMul, as in the decoder graph (fused: transB)
+            nodes.append(helper.make_node("Transpose", [f"k{i}"], [f"kt{i}"], perm=[1, 0]))
+        matrix = f"kt{i}" if layout == "keys-major" else f"k{i}"
+        for r, query in enumerate(queries):
+            nodes.append(helper.make_node("MatMul", [query, matrix], [f"s{i}_{r}"]))
+            outputs.append(helper.make_tensor_value_info(f"s{i}_{r}", f, None))
+    graph = helper.make_graph(nodes, "scores", inputs, outputs, constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), feeds
+
+
 def _time(run, repeat: int = 20) -> float:
     return median(run_times(run, repeat, warmup=2))
 
@@ -128,6 +171,10 @@ def measure(keys: int, threads: int) -> dict[str, float]:
                 binding.bind_ortvalue_input(f"p{kind}{i}", buffer)
                 binding.bind_ortvalue_output(f"{kind}{i}", buffer)
         results[name] = _time(lambda s=session, b=binding: s.run_with_iobinding(b))
+    for name, variant in SCORE_VARIANTS.items():
+        model, feeds = score_product(keys, *variant)
+        session = _session(model, threads)
+        results[name] = _time(lambda s=session, f=feeds: s.run(None, f))
     return {name: 1e3 * seconds for name, seconds in results.items()}
 
 
@@ -140,7 +187,9 @@ def main() -> None:
     rows = [{"keys": keys, "ms": measure(keys, args.threads)} for keys in args.keys]
     if args.json:
         machine = {"cpu": cpu_model(), "flags": cpu_flags(), "threads": args.threads, "onnxruntime": ort.__version__}
-        print(json.dumps({"machine": machine, "layers": LAYERS, "results": rows}, indent=1))
+        cache_bytes = {keys: LAYERS * KV_HEADS * keys * HEAD_DIM * 4 for keys in args.keys}
+        report = {"machine": machine, "layers": LAYERS, "score_cache_bytes": cache_bytes, "results": rows}
+        print(json.dumps(report, indent=1))
         return
     for row in rows:
         print(f"{row['keys']:6d} keys: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in row["ms"].items()))

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from paligemma_edge.benchmarks.attention_kernels import SCORE_VARIANTS
 from paligemma_edge.export.full_size import BASE_VOCAB, HF_VOCAB, PRESETS, make_full_size_checkpoint
 from paligemma_edge.export.random_checkpoint import CheckpointShape
 
@@ -175,7 +176,11 @@ def test_profile_ops_counts_a_control_flow_node_without_its_subgraph():
                 "MatMulNBits 4-bit block 256 accuracy 4",
             },
         ),
-        ("attention_kernels", ["--keys", "16"], {"fp32 MatMul", "GQA fp32", "GQA fp16", "GQA fp32 Q/K/V, fp16 cache"}),
+        (
+            "attention_kernels",
+            ["--keys", "16"],
+            {"fp32 MatMul", "GQA fp32", "GQA fp16", "GQA fp32 Q/K/V, fp16 cache", *SCORE_VARIANTS},
+        ),
     ],
 )
 def test_kernel_benchmarks_run_and_report_their_machine(module, args, kernels):
