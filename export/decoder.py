@@ -6,6 +6,10 @@ the Cache object and mask construction. Masks come in as boolean inputs built by
 (`paligemma_edge.runtime.masks`), so no mask or length is baked into the graph. The cache is a
 buffer the graph only reads; it returns the new tokens' keys/values (see `attention`).
 
+Past the last layer's keys and values, only the rows whose logits are asked for (`logits_positions`) are computed:
+the last layer's queries, attention output and MLP for one row instead of a whole prompt's (exact: no other row
+feeds those logits).
+
 The 257k-row embedding table lives once, transposed to [hidden, vocab]: the LM head is
 `hidden @ table` (a MatMul that the quantization tools understand) and the embedding lookup is
 a Gather along axis 1 of the same initializer.
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
+from transformers.models.gemma.modeling_gemma import rotate_half
 
 from .attention import QUERY_CHUNK, attend
 
@@ -60,8 +64,10 @@ class ExportableDecoder(nn.Module):
         text = text * torch.tensor(self.embed_scale, dtype=self.table.dtype)
         return torch.where(is_image.unsqueeze(-1), image_embeds.to(text.dtype), text)
 
-    def attention(self, layer, hidden, cos, sin, mask, past_key, past_value):
+    def attention(self, layer, hidden, cos, sin, mask, past_key, past_value, query_rows=None):
         """Grouped-query attention over (cache buffer, new tokens) → (output, new key, new value).
+
+        query_rows [B, P] (positions in the call): queries and output for those rows only; keys and values for all.
 
         The query heads that share a KV head are folded into its rows, so nothing is repeated per
         query head (8× for MQA). The cache is never concatenated: scores against the past buffer and
@@ -71,13 +77,15 @@ class ExportableDecoder(nn.Module):
         """
         attn = layer.self_attn
         batch, seq, _ = hidden.shape
-        groups = attn.num_key_value_groups
         shape = (batch, seq, -1, attn.head_dim)
-        query = attn.q_proj(hidden).view(shape).transpose(1, 2)
-        key = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        key = rotate(attn.k_proj(hidden).view(shape).transpose(1, 2), cos, sin)
         value = attn.v_proj(hidden).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        kv_heads = key.shape[1]
+        if query_rows is not None:
+            hidden, cos, sin, mask = (select_rows(t, query_rows) for t in (hidden, cos, sin, mask[:, 0]))
+            mask = mask.unsqueeze(1)
+            seq = hidden.shape[1]
+        query = rotate(attn.q_proj(hidden).view(batch, seq, -1, attn.head_dim).transpose(1, 2), cos, sin)
+        kv_heads, groups = key.shape[1], attn.num_key_value_groups
         grouped = query.reshape(batch, kv_heads, groups, seq, attn.head_dim)  # head h = kv·groups + g
         softcap = getattr(attn, "attn_logit_softcapping", None)
         out = attend(
@@ -92,12 +100,15 @@ class ExportableDecoder(nn.Module):
         past = rest[1:] if self.has_sliding_layers else rest
         hidden = self.embed(input_ids, image_embeds)
         cos, sin = self.rotary_emb(hidden, position_ids)
-        presents = []
+        presents, last = [], len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             mask = sliding_mask if self.layer_types[i] == "sliding_attention" else attention_mask
             normed = layer.input_layernorm(hidden)
-            attn_out, key, value = self.attention(layer, normed, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            rows = logits_positions if i == last else None
+            attn_out, key, value = self.attention(layer, normed, cos, sin, mask, past[2 * i], past[2 * i + 1], rows)
             presents += [key, value]
+            if i == last:  # from here on only the rows whose logits are asked for
+                hidden = select_rows(hidden, logits_positions)
             if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2: post-norms around both blocks
                 hidden = hidden + layer.post_attention_layernorm(attn_out)
                 mlp_out = layer.mlp(layer.pre_feedforward_layernorm(hidden))
@@ -105,9 +116,19 @@ class ExportableDecoder(nn.Module):
             else:
                 hidden = hidden + attn_out
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = self.norm(hidden)
-        index = logits_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        logits = torch.gather(hidden, 1, index) @ self.table
+        logits = self.norm(hidden) @ self.table
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return (logits.float(), *presents)
+
+
+def select_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, S, ...] → [B, P, ...]: in each batch row, the positions rows [B, P]."""
+    index = rows.reshape(*rows.shape, *([1] * (tensor.dim() - 2))).expand(*rows.shape, *tensor.shape[2:])
+    return torch.gather(tensor, 1, index)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of [B, heads, S, D] with cos/sin [B, S, D], as transformers' apply_rotary_pos_emb."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)

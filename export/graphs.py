@@ -86,7 +86,7 @@ def export_decoder(hf_model, path: Path, query_chunk: int = QUERY_CHUNK) -> dict
         torch.randint(3, 10, (batch, seq)),
         torch.zeros(batch, seq, config.hidden_size, dtype=dtype),
         torch.arange(past + 1, total + 1).expand(batch, seq).contiguous(),
-        torch.full((batch, 1), seq - 1),
+        torch.tensor([seq - 2, seq - 1]).expand(batch, 2).contiguous(),  # two: a size of 1 would be specialised
         mask,
         *([mask.clone()] if module.has_sliding_layers else []),
         # distinct tensors: torch.export would merge aliased example inputs into one graph input

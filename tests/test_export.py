@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,21 @@ def test_decoder_graph_is_dynamic_and_holds_the_table_once(exports):
     assert len(tables) == 1 and list(tables[0].dims) == [64, vocab]
     users = [n.op_type for n in model.graph.node if tables[0].name in n.input]
     assert sorted(users) == ["Gather", "MatMul"]
+
+
+@pytest.mark.parametrize("name", ["pg1", "pg2"])
+def test_past_the_last_layers_keys_only_the_logits_rows_are_computed(exports, name):
+    """Every weight MatMul runs on the call's `seq` rows except the last layer's query, output projection and MLP
+    and the LM head, which run on its `num_logits` rows (export/decoder.py)."""
+    model = onnx.load(str(exports[name].export_dir / "decoder.onnx"), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in model.graph.value_info}
+    rows = {value: dims[1].dim_param for value, dims in shapes.items() if len(dims) == 3}
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+    counted = Counter(rows.get(node.input[0]) for node in matmuls)
+    layers = exports[name].manifest["language_model"]["num_layers"]
+    per_layer = 7  # q, k, v, o; gate, up, down
+    assert counted == {"seq": per_layer * layers - 5, "num_logits": 5 + 1}
 
 
 def test_fp16_export_runs_within_tolerance(exports, tmp_path, images):

@@ -1,0 +1,95 @@
+"""Two exports' prefills (and decode steps) alternated in one process: a small speed difference on a noisy host.
+
+python -m paligemma_edge.benchmarks.prefill_ab BEFORE AFTER [--runs 24] [--steps 8] [--threads 2] [--json]
+
+`bench` runs each export in its own process, minutes apart, so a shared machine's drift (±5–10 % between rounds here)
+hides a change of a few percent. This loads both exports, encodes the image once per export, then runs the prefill
+(`DecodingBatch.join`: the prompt's decoder call and the first token) of each in turn, swapping the order every run,
+and reports each export's median and the median of the per-run ratios AFTER ÷ BEFORE; with ``--steps`` the same for
+the median decode step of each run (EOS ignored). It also reports whether the two chose the same first token with
+the same log-probability: a graph change meant to be exact shows it here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..runtime.generation import DecodingBatch
+from ..runtime.images import demo_image_path
+from ..runtime.model import PaliGemma
+from .machine import machine_info, run_times
+
+WARMUP_RUNS = 2
+QUARTILES = {"p25": 25, "median": 50, "p75": 75}
+
+
+def _compare(paths: tuple[Path, Path], seconds: list[list[float]]) -> dict:
+    ratios = np.array(seconds[1]) / np.array(seconds[0])
+    sides = {
+        side: {"export": str(path), "median_s": float(np.median(times)), "seconds": times}
+        for side, path, times in zip(("before", "after"), paths, seconds)
+    }
+    return {**sides, "ratio_after_before": {name: float(np.percentile(ratios, q)) for name, q in QUARTILES.items()}}
+
+
+def measure(
+    before: Path, after: Path, runs: int, threads: int | None, steps: int = 0, prompt: str = "caption en"
+) -> dict:
+    models = [PaliGemma.load(path, threads=threads, verify_checksums=False) for path in (before, after)]
+    features = [model.encode_image(demo_image_path()) for model in models]
+    prefill: list[list[float]] = [[], []]
+    step: list[list[float]] = [[], []]
+    first: list[set[tuple[int, float]]] = [set(), set()]
+    for run in tqdm(range(WARMUP_RUNS + runs), desc="prefill A/B", unit="pair"):
+        for i in (0, 1) if run % 2 == 0 else (1, 0):
+            model = models[i]
+            batch = DecodingBatch(model.decoder, model.tokens)
+            sequence = model.new_sequence(features[i], prompt, max_new_tokens=steps + 1, ignore_eos=True)
+            (event,) = batch.join([sequence])
+            step_times = run_times(batch.step, repeats=steps, warmup=0) if steps else []
+            if run >= WARMUP_RUNS:
+                prefill[i].append(sequence.timings.prefill_s)
+                first[i].add((event.token_id, event.logprob))
+                if steps:
+                    step[i].append(float(np.median(step_times)))
+    report = {
+        "prefill": _compare((before, after), prefill),
+        "same_first_token_and_logprob": len(first[0]) == 1 and first[0] == first[1],
+    }
+    if steps:
+        report["decode_step"] = _compare((before, after), step)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument("--runs", type=int, default=24, help="measured prefills per export, after two warm-up pairs")
+    parser.add_argument("--steps", type=int, default=0, help="decode steps timed after each prefill")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    measured = measure(args.before, args.after, args.runs, args.threads, args.steps)
+    report = {"machine": machine_info(args.threads), "runs": args.runs, "steps": args.steps, **measured}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    for part in ("prefill", "decode_step"):
+        if part in report:
+            times = {side: report[part][side]["median_s"] * 1e3 for side in ("before", "after")}
+            q = report[part]["ratio_after_before"]
+            print(
+                f"{part}: before {times['before']:.1f} ms, after {times['after']:.1f} ms; after ÷ before per run: "
+                f"median {q['median']:.3f} (p25 {q['p25']:.3f}, p75 {q['p75']:.3f})"
+            )
+    print(f"same first token and log-probability: {report['same_first_token_and_logprob']}")
+
+
+if __name__ == "__main__":
+    main()
