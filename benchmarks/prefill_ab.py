@@ -1,13 +1,14 @@
 """Two exports' prefills (and decode steps) alternated in one process: a small speed difference on a noisy host.
 
-python -m paligemma_edge.benchmarks.prefill_ab BEFORE AFTER [--runs 24] [--steps 8] [--threads 2] [--json]
+python -m paligemma_edge.benchmarks.prefill_ab BEFORE AFTER [--runs 24] [--steps 8] [--threads 2] [--context N] [--json]
 
 `bench` runs each export in its own process, minutes apart, so a shared machine's drift (±5–10 % between rounds here)
 hides a change of a few percent. This loads both exports, encodes the image once per export, then runs the prefill
 (`DecodingBatch.join`: the prompt's decoder call and the first token) of each in turn, swapping the order every run,
 and reports each export's median and the median of the per-run ratios AFTER ÷ BEFORE; with ``--steps`` the same for
 the median decode step of each run (EOS ignored). It also reports whether the two chose the same first token with
-the same log-probability: a graph change meant to be exact shows it here.
+the same log-probability: a graph change meant to be exact shows it here. ``--context N`` pads the prompt with a
+filler word until the prefix holds about N tokens (a long cache behind the decode steps at 224 px).
 """
 
 from __future__ import annotations
@@ -25,6 +26,25 @@ from ..runtime.model import PaliGemma
 from .machine import machine_info, run_times
 
 WARMUP_RUNS = 2
+FILLER = " cat"  # one token in Gemma's vocabulary and in random-checkpoint's
+
+
+def padded_prompt(model: PaliGemma, features, prompt: str, context: int, probe: int = 100) -> str:
+    """``prompt`` followed by filler words, so that its prefix (image tokens included) holds about ``context``
+    tokens; the filler's tokens per word are measured, not assumed."""
+
+    def length(words: int) -> int:
+        return prefix_tokens(model, features, prompt + FILLER * words)
+
+    base = length(0)
+    per_word = (length(probe) - base) / probe
+    return prompt + FILLER * max(0, round((context - base) / per_word))
+
+
+def prefix_tokens(model: PaliGemma, features, prompt: str) -> int:
+    return len(model.new_sequence(features, prompt, max_new_tokens=1).prompt_ids)
+
+
 QUARTILES = {"p25": 25, "median": 50, "p75": 75}
 
 
@@ -38,10 +58,18 @@ def _compare(paths: tuple[Path, Path], seconds: list[list[float]]) -> dict:
 
 
 def measure(
-    before: Path, after: Path, runs: int, threads: int | None, steps: int = 0, prompt: str = "caption en"
+    before: Path,
+    after: Path,
+    runs: int,
+    threads: int | None,
+    steps: int = 0,
+    prompt: str = "caption en",
+    context: int | None = None,
 ) -> dict:
     models = [PaliGemma.load(path, threads=threads, verify_checksums=False) for path in (before, after)]
     features = [model.encode_image(demo_image_path()) for model in models]
+    if context:
+        prompt = padded_prompt(models[0], features[0], prompt, context)
     prefill: list[list[float]] = [[], []]
     step: list[list[float]] = [[], []]
     first: list[set[tuple[int, float]]] = [set(), set()]
@@ -58,6 +86,7 @@ def measure(
                 if steps:
                     step[i].append(float(np.median(step_times)))
     report = {
+        "prefix_tokens": prefix_tokens(models[0], features[0], prompt),
         "prefill": _compare((before, after), prefill),
         "same_first_token_and_logprob": len(first[0]) == 1 and first[0] == first[1],
     }
@@ -73,9 +102,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=24, help="measured prefills per export, after two warm-up pairs")
     parser.add_argument("--steps", type=int, default=0, help="decode steps timed after each prefill")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prompt", default="caption en")
+    parser.add_argument("--context", type=int, default=None, help="pad the prompt until the prefix holds ~N tokens")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    measured = measure(args.before, args.after, args.runs, args.threads, args.steps)
+    measured = measure(args.before, args.after, args.runs, args.threads, args.steps, args.prompt, args.context)
     report = {"machine": machine_info(args.threads), "runs": args.runs, "steps": args.steps, **measured}
     if args.json:
         print(json.dumps(report, indent=1))
@@ -88,6 +119,7 @@ def main() -> None:
                 f"{part}: before {times['before']:.1f} ms, after {times['after']:.1f} ms; after ÷ before per run: "
                 f"median {q['median']:.3f} (p25 {q['p25']:.3f}, p75 {q['p75']:.3f})"
             )
+    print(f"prefix: {report['prefix_tokens']} tokens")
     print(f"same first token and log-probability: {report['same_first_token_and_logprob']}")
 
 

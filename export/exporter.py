@@ -153,7 +153,12 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
             decoder_file = fmt.DECODER_FILE
             decoder = export_decoder(hf_model, out / decoder_file, settings.query_chunk)
             decoder_entry = GraphEntry(
-                decoder_file, settings.dtype, decoder["inputs"], decoder["outputs"], source=attention_record
+                decoder_file,
+                settings.dtype,
+                decoder["inputs"],
+                decoder["outputs"],
+                source=attention_record,
+                kv_cache=settings.dtype,
             )
         bar.update()
 

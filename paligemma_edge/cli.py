@@ -39,6 +39,7 @@ def _recipe(args: argparse.Namespace):
         symmetric=False if args.asymmetric else None,
         accuracy_level=args.accuracy_level,
         prefill=args.prefill,
+        kv_cache=args.kv_cache,
     )
 
 
@@ -60,6 +61,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         args.block_size,
         args.accuracy_level,
         args.prefill,
+        args.kv_cache,
     ]
     if not args.recipe and (any(o is not None for o in overrides) or args.asymmetric):
         from .quant.recipes import RECIPES
@@ -231,6 +233,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None
         DEFAULT_BLOCK_SIZE,
         EMBEDDING_PRECISIONS,
         GGUF_RECIPES,
+        KV_CACHE_PRECISIONS,
         LM_HEAD_PRECISIONS,
         PREFILL_WEIGHTS,
         RECIPES,
@@ -266,6 +269,12 @@ def _add_recipe_options(parser: argparse.ArgumentParser, required: bool) -> None
         choices=PREFILL_WEIGHTS,
         default=None,
         help="int8: prompts run on an int8 copy of the int4 body (faster first token on CPUs, the body's size again)",
+    )
+    parser.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_PRECISIONS,
+        default=None,
+        help="what the KV cache holds: fp16 halves its memory (the fp16 recipe's default); fp32 is faster on CPUs",
     )
 
 

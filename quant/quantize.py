@@ -26,6 +26,7 @@ from ..runtime.errors import QuantizationError
 from ..runtime.export_format import checksum_files, load_manifest
 from ..runtime.output_dirs import atomic_output_dir
 from .gguf_quant import quantize_gguf_export
+from .kv_cache import store_cache_in
 from .prefill_weights import quantize_columns, require_opset, route_prompts
 from .recipes import GGUF_RECIPES, RECIPES, GgufRecipe, Recipe
 
@@ -234,6 +235,10 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_decoder(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
+    return store_cache_in(_quantize_weights(model, recipe), recipe.kv_cache)
+
+
+def _quantize_weights(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
     if recipe.decoder == "fp16":
         return to_fp16(model)
     _, head, _ = _table_users(model)
@@ -319,7 +324,8 @@ def _quantize_into(manifest: fmt.Manifest, out: Path, recipe: Recipe) -> None:
     steps = [("decoder", quantize_decoder, recipe.decoder), ("vision", quantize_vision, recipe.vision)]
     for name, function, precision in tqdm(steps, desc=f"quantize {recipe.name}", unit="graph"):
         file = graphs[name].file
-        if precision == "fp32" and (name == "vision" or (recipe.tied and recipe.lm_head == "fp32")):
+        unchanged_decoder = recipe.tied and recipe.lm_head == "fp32" and recipe.kv_cache == "fp32"
+        if precision == "fp32" and (name == "vision" or unchanged_decoder):
             for part in fmt.graph_files(file):
                 shutil.copyfile(source_dir / part, out / part)
             continue
@@ -328,6 +334,7 @@ def _quantize_into(manifest: fmt.Manifest, out: Path, recipe: Recipe) -> None:
         graphs[name].dtype = precision
     decoder = graphs["decoder"]
     decoder.tied_table, decoder.lm_head, decoder.embeddings = recipe.tied, recipe.lm_head, recipe.embeddings
+    decoder.kv_cache = recipe.kv_cache
     quantized_files = [part for name in ("vision", "decoder") for part in fmt.graph_files(graphs[name].file)]
     copied = [name for name in manifest.files if name not in quantized_files]
     for name in copied:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from ..runtime import export_format as fmt
 from ..runtime.errors import QuantizationError
 
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
@@ -16,6 +17,7 @@ BLOCK_SIZES = (32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 128
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 PREFILL_WEIGHTS = ("same", "int8")  # "int8": a second, int8 copy of the body that prompts run on (prefill_weights.py)
+KV_CACHE_PRECISIONS = tuple(fmt.KV_CACHE_PRECISIONS)  # what the KV-cache buffers hold (kv_cache.py)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class Recipe:
     symmetric: bool = True
     accuracy_level: int = 4  # MatMulNBits compute type on CPU: 4 = int8 activations
     prefill: str = "same"  # "int8": prompts run on an int8 copy of the body, decode steps on the MatMulNBits one
+    # fp32 on CPUs: onnxruntime's CPU kernels would cast the whole fp16 cache back every step (RESULTS.md)
+    kv_cache: str = "fp32"
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -38,6 +42,7 @@ class Recipe:
             ("decoder", DECODER_PRECISIONS),
             ("lm_head", LM_HEAD_PRECISIONS),
             ("embeddings", EMBEDDING_PRECISIONS),
+            ("kv_cache", KV_CACHE_PRECISIONS),
         ):
             if getattr(self, field) not in allowed:
                 raise QuantizationError(f"{field} precision must be one of {allowed}, got {getattr(self, field)!r}")
@@ -82,8 +87,8 @@ RECIPES: dict[str, Recipe] = {
     "int4-fast-prefill": Recipe(
         "int4-fast-prefill", vision="int8", decoder="int4", lm_head="int8", embeddings="int8", prefill="int8"
     ),
-    # GPUs: fp16 weights and activations; norms, softmax, residual adds and masks stay fp32
-    "fp16": Recipe("fp16", vision="fp16", decoder="fp16", lm_head="fp16", embeddings="fp16"),
+    # GPUs: fp16 weights and activations, an fp16 KV cache; norms, softmax, residual adds and masks stay fp32
+    "fp16": Recipe("fp16", vision="fp16", decoder="fp16", lm_head="fp16", embeddings="fp16", kv_cache="fp16"),
 }
 
 

@@ -27,6 +27,7 @@ SWEEP = (
     ("embeddings", {"embeddings": "fp16"}),
     ("embeddings", {"embeddings": "int8"}),
     ("decoder (all)", {"decoder": "fp16", "lm_head": "fp16", "embeddings": "fp16"}),
+    ("kv cache", {"kv_cache": "fp16"}),
 )
 
 

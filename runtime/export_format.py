@@ -36,6 +36,7 @@ QUERY_CHUNK = 512
 TOKENIZER_FILE = "tokenizer.json"
 MASK_DECODER_FILE = "mask_decoder.onnx"
 EXTERNAL_DATA_SUFFIX = ".data"
+KV_CACHE_PRECISIONS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}  # manifest name → onnxruntime type
 
 ONNX_BACKEND = "onnxruntime"
 LLAMACPP_BACKEND = "llamacpp"
@@ -141,6 +142,7 @@ class GraphEntry:
     lm_head: str | None = None  # decoder of a quantized export: precisions of the LM head and the lookup
     embeddings: str | None = None
     source: dict[str, Any] | None = None  # mask decoder: the npz it was built from; GGUF decoder: what was folded
+    kv_cache: str | None = None  # ONNX decoder: what its KV cache holds, "fp32" or "fp16" (older manifests: unset)
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,11 @@ class Manifest:
             f"{self.model_type} {self.image_size}px, {self.num_image_tokens} image tokens, from {self.source}",
             f"decoder ({self.decoder_backend}): {lm.architecture} {lm.num_layers} layers, hidden {lm.hidden_size}, "
             f"{lm.num_heads} heads / {lm.num_kv_heads} kv, head_dim {lm.head_dim}, vocab {lm.vocab_size}",
-            "graphs: " + ", ".join(f"{name} {g.file} ({g.dtype})" for name, g in self.graphs.items()),
+            "graphs: "
+            + ", ".join(
+                f"{name} {g.file} ({g.dtype}{f', KV cache {g.kv_cache}' if g.kv_cache else ''})"
+                for name, g in self.graphs.items()
+            ),
             "files: " + ", ".join(f"{k} {v.bytes / 1e6:.1f} MB" for k, v in self.files.items()),
         ]
         if self.quantization:

@@ -209,24 +209,25 @@ def test_kernel_benchmarks_run_and_report_their_machine(module, args, kernels):
 
 
 def test_prefill_ab_pairs_two_exports_and_sees_equal_first_tokens(exports, tmp_path):
-    """prefill_ab (RESULTS.md's small-difference figures) on the pg1 export against itself and against an fp16 export
-    of the same checkpoint: both timed every run (prefill and decode steps), the ratios per run, and the first token
-    compared exactly."""
+    """prefill_ab (RESULTS.md's small-difference figures) on the pg1 export against itself (with a prompt padded to a
+    given context) and against an fp16 export of the same checkpoint: both timed every run (prefill and decode
+    steps), the ratios per run, and the first token compared exactly."""
     fp16 = tmp_path / "fp16"
     exported = run_cli("export", str(exports["pg1"].checkpoint), str(fp16), "--dtype", "fp16", "--no-verify")
     assert exported.returncode == 0, exported.stderr
 
-    def ab(before, after) -> dict:
+    def ab(before, after, *extra) -> dict:
         out = subprocess.run(
             [sys.executable, "-m", "paligemma_edge.benchmarks.prefill_ab", str(before), str(after)]
-            + ["--runs", "3", "--steps", "2", "--threads", "1", "--json"],
+            + ["--runs", "3", "--steps", "2", "--threads", "1", "--json", *extra],
             capture_output=True,
             text=True,
         )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
-    same = ab(exports["pg1"].export_dir, exports["pg1"].export_dir)
+    same = ab(exports["pg1"].export_dir, exports["pg1"].export_dir, "--context", "300")
+    assert abs(same["prefix_tokens"] - 300) <= 3  # 256 image tokens, the prompt padded with filler words
     for part in ("prefill", "decode_step"):
         assert len(same[part]["before"]["seconds"]) == len(same[part]["after"]["seconds"]) == 3
         ratio = same[part]["ratio_after_before"]

@@ -24,7 +24,7 @@ from paligemma_edge.runtime.export_format import Manifest, load_manifest
 from paligemma_edge.runtime.generation import prefix_chunk
 from paligemma_edge.runtime.images import demo_image_path
 
-from .conftest import run_cli
+from .conftest import PROMPTS, run_cli
 
 
 def graph_ops(path) -> Counter[str]:
@@ -56,6 +56,8 @@ def test_every_recipe_loads_and_generates(quantized, name, images):
     recipe = get_recipe(name)
     assert manifest["graphs"]["vision"]["dtype"] == recipe.vision
     assert manifest["graphs"]["decoder"]["dtype"] == recipe.decoder
+    assert manifest["graphs"]["decoder"]["kv_cache"] == recipe.kv_cache
+    assert model.decoder.new_cache(1).kv.buffers[0].dtype == np.dtype(recipe.kv_cache.replace("fp", "float"))
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -247,10 +249,13 @@ def test_sweep_with_eval_data_scores_each_row(scripted_export, tmp_path):
 
 
 def test_export_with_quant_flag(exports, tmp_path):
-    out = run_cli("export", str(exports["pg1"].checkpoint), str(tmp_path / "q"), "--quant", "int4", "--json")
+    out = run_cli(
+        "export", str(exports["pg1"].checkpoint), str(tmp_path / "q"), "--quant", "int4", "--kv-cache", "fp16", "--json"
+    )
     assert out.returncode == 0, out.stderr
     manifest = load_manifest(tmp_path / "q").to_dict()
-    assert manifest["quantization"]["recipe"]["name"] == "int4"
+    assert manifest["quantization"]["recipe"]["name"] == "int4+custom"
+    assert manifest["quantization"]["recipe"]["kv_cache"] == manifest["graphs"]["decoder"]["kv_cache"] == "fp16"
     assert manifest["source_verification"]["passed"] and "fp32" in manifest["quality"]
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # the fp32 scratch export is gone
     PaliGemma.load(tmp_path / "q")
@@ -313,8 +318,78 @@ def test_recipe_validation():
         get_recipe("int8").with_overrides(prefill="int8")
     with pytest.raises(ValueError, match="prefill must be"):
         Recipe("x", decoder="int4", prefill="int4")
+    with pytest.raises(ValueError, match="kv_cache precision must be one of"):
+        get_recipe("int4").with_overrides(kv_cache="bf16")
     old_export = onnx.helper.make_model(
         onnx.helper.make_graph([], "g", [], []), opset_imports=[onnx.helper.make_opsetid("", 18)]
     )
     with pytest.raises(ValueError, match="opset 21 or later .this one is 18"):
         route_prompts(old_export, {})
+
+
+def _steps(model: PaliGemma, image, rounded: bool, steps: int = 8):
+    """Greedy logits of a prefill and ``steps`` decode steps through the decoder's own cache, and the cache;
+    ``rounded``: the cache rounded to fp16 after every call (what a 16-bit cache holds)."""
+    sequence = model.new_sequence(image, "caption en", max_new_tokens=steps)
+    chunk = prefix_chunk([sequence.prompt_ids], [sequence.image_features], model.tokens)
+    cache, ones, out = model.decoder.new_cache(1), np.ones((1, 1), dtype=bool), []
+    for _ in range(steps + 1):
+        out.append(model.decoder.forward(cache, chunk)[0, -1])
+        if rounded:
+            for buffer in cache.kv.buffers:
+                buffer[...] = buffer.astype(np.float16)
+        chunk = DecoderChunk(
+            input_ids=np.array([[int(out[-1].argmax())]]),
+            image_embeds=None,
+            positions=chunk.positions[:, -1:] + 1,
+            is_suffix=ones,
+            valid=ones,
+            logits_at=np.zeros((1, 1), dtype=np.int64),
+        )
+    return out, cache
+
+
+@pytest.mark.parametrize("name", ["pg1", "pg2"])
+def test_fp16_kv_cache_is_the_fp32_graph_reading_a_rounded_cache(exports, tmp_path, images, name):
+    """--kv-cache fp16: buffers and new keys/values in fp16 (half the memory), the attention reading them as they
+    are; each call still attends to its own keys unrounded. pg2: GQA, softcaps, a window shorter than the prefix."""
+    reference = PaliGemma.load(exports[name].export_dir)
+    manifest = quantize_export(exports[name].export_dir, tmp_path / "kv16", Recipe("kv16", kv_cache="fp16"))
+    assert manifest.graph("decoder").kv_cache == "fp16" and manifest.graph("decoder").dtype == "fp32"
+    graph = onnx.load(str(tmp_path / "kv16" / "decoder.onnx"), load_external_data=False).graph
+    half = onnx.TensorProto.FLOAT16
+    assert {v.type.tensor_type.elem_type for v in graph.input if v.name.startswith("past_key_values.")} == {half}
+    assert {v.type.tensor_type.elem_type for v in graph.output if v.name.startswith("new.")} == {half}
+    model = PaliGemma.load(tmp_path / "kv16")
+
+    # exactly the fp32 graph with its cache rounded after every call (on onnxruntime's CPU provider, which runs
+    # the fp16 products in fp32); and close to the unrounded fp32 cache
+    (got, cache), (rounded, _), (exact, fp32_cache) = (
+        _steps(m, images[0], r) for m, r in ((model, False), (reference, True), (reference, False))
+    )
+    np.testing.assert_allclose(np.stack(got), np.stack(rounded), rtol=0, atol=1e-5)
+    assert [int(x.argmax()) for x in got] == [int(x.argmax()) for x in rounded]
+    assert np.abs(np.stack(got) - np.stack(exact)).max() < 0.05
+    assert np.abs(got[0] - exact[0]).max() == 0  # the prefill reads no cache
+    assert {b.dtype for b in cache.kv.buffers} == {np.dtype(np.float16)}
+    assert sum(b.nbytes for b in cache.kv.buffers) * 2 == sum(b.nbytes for b in fp32_cache.kv.buffers)
+
+    # the device-resident cache (the CUDA path, here on the CPU provider) holds fp16 too and decodes the same
+    on_device = PaliGemma.load(tmp_path / "kv16", device_cache=True)
+    assert on_device.decoder.cache_ops.dtype == np.float16
+    expected = model.generate(images, PROMPTS, max_new_tokens=10)
+    assert [r.token_ids for r in on_device.generate(images, PROMPTS, max_new_tokens=10)] == [
+        r.token_ids for r in expected
+    ]
+
+
+def test_a_cache_precision_the_manifest_does_not_record_is_refused(exports, tmp_path):
+    from paligemma_edge.runtime.errors import CorruptExportError
+
+    quantize_export(exports["pg1"].export_dir, tmp_path / "kv16", Recipe("kv16", kv_cache="fp16"))
+    manifest_file = tmp_path / "kv16" / "manifest.json"
+    edited = json.loads(manifest_file.read_text())
+    edited["graphs"]["decoder"]["kv_cache"] = "fp32"  # a 16-bit-cache graph under a manifest that says fp32
+    manifest_file.write_text(json.dumps(edited))
+    with pytest.raises(CorruptExportError, match="KV cache is tensor.float16. but the manifest records 'fp32'"):
+        PaliGemma.load(tmp_path / "kv16")

@@ -266,7 +266,14 @@ class OnnxDecoder:
         if self.has_sliding and not self.sliding_window:
             raise CorruptExportError("the decoder has sliding-window layers but the manifest gives no sliding_window.")
         self.embed_dtype = _ORT_TYPES[inputs[fmt.IMAGE_EMBEDS].type]
-        self.cache_dtype = _ORT_TYPES[inputs[self.cache_names[0]].type]
+        cache_type = inputs[self.cache_names[0]].type
+        recorded = manifest.graph("decoder").kv_cache
+        if cache_type not in _ORT_TYPES or (recorded and fmt.KV_CACHE_PRECISIONS.get(recorded) != cache_type):
+            raise CorruptExportError(
+                f"the decoder graph's KV cache is {cache_type} but the manifest records {recorded!r}; the export "
+                "directory mixes files from different exports. Re-run the export or quantize."
+            )
+        self.cache_dtype = _ORT_TYPES[cache_type]
 
     @classmethod
     def load(cls, manifest: Manifest, options: OnnxOptions) -> OnnxDecoder:
