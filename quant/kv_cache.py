@@ -3,13 +3,14 @@
 - Each ``past_key_values.*`` input becomes fp16. The two products that read it (queries × cached keys, weights ×
   cached values, inside the chunked attention's subgraphs) run in fp16 on the buffer itself: their small operand
   (this call's query rows, or their attention weights on the cached positions) is cast to fp16 and the product back
-  to fp32. Nothing the size of the cache is ever converted, so the cache's memory halves and a step reads half
-  the bytes where the provider has fast fp16 products (GPUs).
+  to fp32. The graph never converts anything the size of the cache, so the cache's memory halves and a step reads
+  half the bytes where the provider has fp16 products (GPUs).
 - Each ``new.*`` output is cast to fp16 on its way out. Inside the call the current tokens still attend to their
-  own keys and values unrounded; from the next call on they are read rounded, as in a 16-bit cache in transformers.
+  own keys and values unrounded; from the next call on they are read rounded.
 
-onnxruntime's CPU provider computes fp16 products slowly (benchmarks/RESULTS.md, "A 16-bit KV cache"), so the CPU
-recipes keep an fp32 cache and the GPU recipe (fp16) uses this one.
+onnxruntime's CPU provider has no fp16 MatMul: it converts each layer's cache to fp32 at every step, so a 4.1k-token
+step takes 1.58× as long (benchmarks/RESULTS.md, "A 16-bit KV cache"). The CPU recipes keep an fp32 cache; the GPU
+recipe (fp16) uses this one.
 """
 
 from __future__ import annotations

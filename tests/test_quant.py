@@ -327,26 +327,26 @@ def test_recipe_validation():
         route_prompts(old_export, {})
 
 
-def _steps(model: PaliGemma, image, rounded: bool, steps: int = 8):
-    """Greedy logits of a prefill and ``steps`` decode steps through the decoder's own cache, and the cache;
-    ``rounded``: the cache rounded to fp16 after every call (what a 16-bit cache holds)."""
-    sequence = model.new_sequence(image, "caption en", max_new_tokens=steps)
+def _steps(model: PaliGemma, image, tokens: list[int], rounded: bool):
+    """Logits of a prefill and of one decode step per given token (teacher-forced) through the decoder's own cache,
+    and the cache; ``rounded``: the cache rounded to fp16 after every call (what a 16-bit cache holds)."""
+    sequence = model.new_sequence(image, "caption en", max_new_tokens=len(tokens))
     chunk = prefix_chunk([sequence.prompt_ids], [sequence.image_features], model.tokens)
     cache, ones, out = model.decoder.new_cache(1), np.ones((1, 1), dtype=bool), []
-    for _ in range(steps + 1):
+    for token in [*tokens, None]:
         out.append(model.decoder.forward(cache, chunk)[0, -1])
         if rounded:
             for buffer in cache.kv.buffers:
                 buffer[...] = buffer.astype(np.float16)
         chunk = DecoderChunk(
-            input_ids=np.array([[int(out[-1].argmax())]]),
+            input_ids=np.array([[token]]),
             image_embeds=None,
             positions=chunk.positions[:, -1:] + 1,
             is_suffix=ones,
             valid=ones,
             logits_at=np.zeros((1, 1), dtype=np.int64),
         )
-    return out, cache
+    return np.stack(out), cache
 
 
 @pytest.mark.parametrize("name", ["pg1", "pg2"])
@@ -362,14 +362,14 @@ def test_fp16_kv_cache_is_the_fp32_graph_reading_a_rounded_cache(exports, tmp_pa
     assert {v.type.tensor_type.elem_type for v in graph.output if v.name.startswith("new.")} == {half}
     model = PaliGemma.load(tmp_path / "kv16")
 
-    # exactly the fp32 graph with its cache rounded after every call (on onnxruntime's CPU provider, which runs
-    # the fp16 products in fp32); and close to the unrounded fp32 cache
+    # the fp32 graph reading a cache rounded after every call: exactly (0.0) where onnxruntime computes fp16 products
+    # in fp32, as its x86 CPU provider does; a native fp16 product would round the small operand too
+    tokens = reference.generate(images[0], "caption en", max_new_tokens=8, ignore_eos=True).token_ids
     (got, cache), (rounded, _), (exact, fp32_cache) = (
-        _steps(m, images[0], r) for m, r in ((model, False), (reference, True), (reference, False))
+        _steps(m, images[0], tokens, r) for m, r in ((model, False), (reference, True), (reference, False))
     )
-    np.testing.assert_allclose(np.stack(got), np.stack(rounded), rtol=0, atol=1e-5)
-    assert [int(x.argmax()) for x in got] == [int(x.argmax()) for x in rounded]
-    assert np.abs(np.stack(got) - np.stack(exact)).max() < 0.05
+    np.testing.assert_allclose(got, rounded, rtol=0, atol=2e-3)
+    assert 0 < np.abs(got - exact).max() < 0.05  # the cache is rounded, and by no more than fp16's step
     assert np.abs(got[0] - exact[0]).max() == 0  # the prefill reads no cache
     assert {b.dtype for b in cache.kv.buffers} == {np.dtype(np.float16)}
     assert sum(b.nbytes for b in cache.kv.buffers) * 2 == sum(b.nbytes for b in fp32_cache.kv.buffers)
