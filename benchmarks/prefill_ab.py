@@ -22,14 +22,19 @@ from tqdm import tqdm
 
 from ..runtime.generation import DecodingBatch
 from ..runtime.images import demo_image_path
-from ..runtime.model import PaliGemma
+from ..runtime.model import ImageFeatures, PaliGemma
 from .machine import machine_info, run_times
 
 WARMUP_RUNS = 2
-FILLER = " cat"  # one token in Gemma's vocabulary and in random-checkpoint's
+FILLER = " cat"  # one token in random-checkpoint's tokenizer (padded_prompt measures it anyway)
 
 
-def padded_prompt(model: PaliGemma, features, prompt: str, context: int, probe: int = 100) -> str:
+def prefix_tokens(model: PaliGemma, features: ImageFeatures, prompt: str) -> int:
+    """Tokens in the prefix of ``prompt`` on an encoded image (image tokens included)."""
+    return len(model.new_sequence(features, prompt, max_new_tokens=1).prompt_ids)
+
+
+def padded_prompt(model: PaliGemma, features: ImageFeatures, prompt: str, context: int, probe: int = 100) -> str:
     """``prompt`` followed by filler words, so that its prefix (image tokens included) holds about ``context``
     tokens; the filler's tokens per word are measured, not assumed."""
 
@@ -39,10 +44,6 @@ def padded_prompt(model: PaliGemma, features, prompt: str, context: int, probe: 
     base = length(0)
     per_word = (length(probe) - base) / probe
     return prompt + FILLER * max(0, round((context - base) / per_word))
-
-
-def prefix_tokens(model: PaliGemma, features, prompt: str) -> int:
-    return len(model.new_sequence(features, prompt, max_new_tokens=1).prompt_ids)
 
 
 QUARTILES = {"p25": 25, "median": 50, "p75": 75}

@@ -363,7 +363,7 @@ def test_fp16_kv_cache_is_the_fp32_graph_reading_a_rounded_cache(exports, tmp_pa
     model = PaliGemma.load(tmp_path / "kv16")
 
     # the fp32 graph reading a cache rounded after every call: exactly (0.0) where onnxruntime computes fp16 products
-    # in fp32, as its x86 CPU provider does; a native fp16 product would round the small operand too
+    # in fp32, as its CPU provider did here; a native fp16 product would round the small operand too
     tokens = reference.generate(images[0], "caption en", max_new_tokens=8, ignore_eos=True).token_ids
     (got, cache), (rounded, _), (exact, fp32_cache) = (
         _steps(m, images[0], tokens, r) for m, r in ((model, False), (reference, True), (reference, False))
