@@ -1,5 +1,5 @@
-"""A decode step's attention over a long cache: fp32 MatMul attention against GroupQueryAttention with an fp32 or
-fp16 cache (what a 16-bit KV cache would cost or save on this CPU).
+"""A decode step's attention over a long cache: fp32 MatMul attention against GroupQueryAttention and opset 23's
+`Attention` with an fp32 or fp16 cache (what a 16-bit KV cache would cost or save on this CPU).
 
 python -m paligemma_edge.benchmarks.attention_kernels [--keys 262 4110] [--threads 2] [--json]
 
@@ -98,6 +98,24 @@ def gqa_attention(keys: int, io_dtype, cache_dtype) -> bytes:
     return _model(nodes, inputs, outputs)
 
 
+def opset23_attention(keys: int, dtype) -> tuple[bytes, dict]:
+    """ONNX `Attention` (opset 23) per layer, one query row against the whole cache given as key/value."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    rng = np.random.default_rng(0)
+    inputs = [helper.make_tensor_value_info("q", elem, [1, HEADS, 1, HEAD_DIM])]
+    feeds = {"q": rng.normal(size=(1, HEADS, 1, HEAD_DIM)).astype(dtype)}
+    nodes, outputs = [], []
+    for i in range(LAYERS):
+        for kind in "kv":
+            inputs.append(helper.make_tensor_value_info(f"{kind}{i}", elem, [1, KV_HEADS, keys, HEAD_DIM]))
+            feeds[f"{kind}{i}"] = rng.normal(size=(1, KV_HEADS, keys, HEAD_DIM)).astype(dtype)
+        attributes = {"q_num_heads": HEADS, "kv_num_heads": KV_HEADS, "softcap": SOFTCAP, "scale": SCALE}
+        nodes.append(helper.make_node("Attention", ["q", f"k{i}", f"v{i}"], [f"o{i}"], **attributes))
+        outputs.append(helper.make_tensor_value_info(f"o{i}", elem, None))
+    graph = helper.make_graph(nodes, "attention23", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]).SerializeToString(), feeds
+
+
 SCORE_VARIANTS = {  # name: (query rows, cache layout, cache is a constant, one 1-row product per query row)
     "scores, 2 query rows, [keys, dim] cache (today)": (2, "keys-major", False, False),
     "scores, 1 query row, [keys, dim] cache": (1, "keys-major", False, False),
@@ -171,6 +189,10 @@ def measure(keys: int, threads: int) -> dict[str, float]:
                 binding.bind_ortvalue_input(f"p{kind}{i}", buffer)
                 binding.bind_ortvalue_output(f"{kind}{i}", buffer)
         results[name] = _time(lambda s=session, b=binding: s.run_with_iobinding(b))
+    for name, dtype in (("Attention-23 fp32", np.float32), ("Attention-23 fp16", np.float16)):
+        model, feeds = opset23_attention(keys, dtype)
+        session = _session(model, threads)
+        results[name] = _time(lambda s=session, f=feeds: s.run(None, f))
     for name, variant in SCORE_VARIANTS.items():
         model, feeds = score_product(keys, *variant)
         session = _session(model, threads)
