@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .runtime import spec
-from .runtime.errors import PaliGemmaEdgeError
+from .runtime.errors import CheckpointError, PaliGemmaEdgeError
 from .runtime.export_format import QUERY_CHUNK
 
 # optional modules → the extra that installs them
@@ -326,6 +326,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .runtime.output_dirs import check_output_file
 
     # everything a user can get wrong fails now, not after minutes of measuring
+    if not args.export_dirs and not (args.baseline_hf and args.hf_dtypes):
+        raise PaliGemmaEdgeError("bench has nothing to measure: give export directories, --baseline-hf, or both.")
+    if args.baseline_hf and not (args.baseline_hf / "config.json").is_file():
+        raise CheckpointError(f"--baseline-hf {args.baseline_hf} is not a checkpoint directory (no config.json).")
     checked_providers(_providers(args))
     for export_dir in args.export_dirs:
         load_manifest(export_dir).verify_files(checksums=False)
@@ -644,7 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
     shipper.set_defaults(func=_cmd_ship_shapes)
 
     bench = sub.add_parser("bench", help="latency, memory and roofline per export, against transformers")
-    bench.add_argument("export_dirs", type=Path, nargs="+", help="export directories, each measured in its own process")
+    bench.add_argument(
+        "export_dirs",
+        type=Path,
+        nargs="*",
+        help="export directories, each measured in its own process (none: only the --baseline-hf runs)",
+    )
     bench.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens decoded per run (EOS ignored)")
     bench.add_argument("--repeat", type=_positive_int, default=3, help="measured runs per process, after a warm-up")
     bench.add_argument(

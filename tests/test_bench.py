@@ -84,6 +84,20 @@ def test_bench_cli_smoke(exports, tmp_path):
     assert "vs transformers fp32" in out.stdout
 
 
+def test_bench_measures_a_baseline_alone(exports, tmp_path):
+    """No export directory: only the transformers runs, as when a baseline cell is filled in later."""
+    report_path = tmp_path / "baseline.json"
+    args = ["bench", "--baseline-hf", str(exports["pg2"].checkpoint), "--hf-dtypes", "fp32", "--new-tokens", "4"]
+    out = run_cli(*args, "--repeat", "1", "--json", str(report_path))
+    assert out.returncode == 0, out.stderr
+    (result,) = json.loads(report_path.read_text())["results"]
+    assert result["backend"] == "transformers-eager" and result["precision"] == "fp32"
+    assert result["target"] == str(exports["pg2"].checkpoint)
+    assert all(result[key] > 0 for key in STAGE_FIELDS - {"memory"}), result
+    (row,) = [line for line in out.stdout.splitlines() if line.startswith(exports["pg2"].checkpoint.name)]
+    assert row.split()[1:3] == ["transformers", "fp32"]
+
+
 def test_presets_have_the_real_shapes():
     pg1, pg2 = PRESETS["paligemma-3b-224"], PRESETS["paligemma2-3b-896"]
     assert (pg1.text_hidden, pg1.text_layers, pg1.text_mlp, pg1.text_heads, pg1.kv_heads, pg1.head_dim) == (
@@ -242,3 +256,29 @@ def test_prefill_ab_pairs_two_exports_and_sees_equal_first_tokens(exports, tmp_p
         assert 0 < ratio["p25"] <= ratio["median"] <= ratio["p75"]
     assert same["same_first_token_and_logprob"] and same["machine"]["cpu"]
     assert not ab(exports["pg1"].export_dir, fp16)["same_first_token_and_logprob"]  # fp16 rounds the logprob
+
+
+@pytest.mark.parametrize("variant,recipe", [("pg1", None), ("pg2", "int4-fast-prefill")])
+def test_decode_floor_times_every_weight_product_of_a_step(exports, tmp_path, variant, recipe):
+    """decode_floor (RESULTS.md's "what a decode step spends outside its weight products"): on an fp32 export the
+    products are the MatMuls by constant weights; on `int4-fast-prefill` the MatMulNBits of the decode branches,
+    never the prompt path's int8 copy. Seven per layer and the LM head, either way."""
+    export = exports[variant].export_dir
+    if recipe:
+        quantized = run_cli("quantize", str(export), str(tmp_path / recipe), "--recipe", recipe)
+        assert quantized.returncode == 0, quantized.stderr
+        export = tmp_path / recipe
+    files = sorted(export.iterdir())
+    command = [sys.executable, "-m", "paligemma_edge.benchmarks.decode_floor", str(export)]
+    out = subprocess.run(
+        command + ["--runs", "2", "--steps", "2", "--threads", "1", "--json"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    layers = json.loads((export / "manifest.json").read_text())["language_model"]["num_layers"]
+    assert report["products"] == 7 * layers + 1
+    assert 0 < report["product_weight_bytes"] <= sum(p.stat().st_size for p in export.glob("decoder.onnx*"))
+    assert len(report["step_ms_runs"]) == len(report["products_ms_runs"]) == 2
+    assert report["step_ms"] > 0 and report["products_ms"] > 0 and report["machine"]["cpu"]
+    assert report["products_of_bandwidth"] == pytest.approx(report["products_gbs"] / report["machine"]["bandwidth_gbs"])
+    assert sorted(export.iterdir()) == files  # the products graph lives in a temporary folder, never in the export

@@ -305,6 +305,9 @@ def test_cli_faults_fail_before_work(exports, source, image_file, tmp_path):
         (("bench", tmp_path / "nothing"), "does not exist"),
         (("bench", pg1, "--image", a_file), "Cannot read"),
         (("bench", pg1, "--json", tmp_path / "no" / "r.json"), "does not exist"),
+        (("bench",), "nothing to measure"),
+        (("bench", "--baseline-hf", pg1), "not a checkpoint directory"),
+        (("bench", pg1, "--baseline-hf", tmp_path / "nothing"), "not a checkpoint directory"),
         (("quantize", pg1, tmp_path / "o3", "--recipe", "int4", "--decoder", "fp16"), "fp16 applies"),
     ]
     before = tree_digest(pg1)
