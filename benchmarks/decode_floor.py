@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from tqdm import tqdm
 
-from ..runtime.errors import CorruptExportError
+from ..runtime.errors import CorruptExportError, PaliGemmaEdgeError
 from ..runtime.export_format import ONNX_BACKEND, load_manifest
 from ..runtime.generation import DecodingBatch
 from ..runtime.images import demo_image_path
@@ -131,8 +132,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    report = {"machine": {**machine_info(args.threads), **roofline(args.threads)}}
-    report.update(measure(args.export_dir, args.runs, args.steps, args.threads))
+    try:
+        load_manifest(args.export_dir)  # a wrong path fails before the probe's seconds
+        report = {"machine": {**machine_info(args.threads), **roofline(args.threads)}}
+        report.update(measure(args.export_dir, args.runs, args.steps, args.threads))
+    except PaliGemmaEdgeError as error:
+        sys.exit(f"error: {error}")
     report["products_of_bandwidth"] = report["products_gbs"] / report["machine"]["bandwidth_gbs"]
     if args.json:
         print(json.dumps(report, indent=1))

@@ -281,4 +281,6 @@ def test_decode_floor_times_every_weight_product_of_a_step(exports, tmp_path, va
     assert len(report["step_ms_runs"]) == len(report["products_ms_runs"]) == 2
     assert report["step_ms"] > 0 and report["products_ms"] > 0 and report["machine"]["cpu"]
     assert report["products_of_bandwidth"] == pytest.approx(report["products_gbs"] / report["machine"]["bandwidth_gbs"])
-    assert sorted(export.iterdir()) == files  # the products graph lives in a temporary folder, never in the export
+    assert sorted(export.iterdir()) == files  # the products graph is loaded from memory, never written
+    missing = subprocess.run(command[:-1] + [str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
