@@ -31,16 +31,20 @@ from .worker import STAGES
 KV_BYTES_PER_VALUE = 4  # the runtime keeps the cache in fp32
 
 
+def stored_bytes(tensor: onnx.TensorProto) -> int:
+    """An initializer's bytes, in its external data file or inline."""
+    external = {entry.key: entry.value for entry in tensor.external_data}
+    return int(external["length"]) if "length" in external else len(tensor.raw_data)
+
+
 def _weight_bytes(graph_path: Path) -> int:
     """Bytes of the initializers a decode step reads (the embedding lookup's rows and prompts' weights excluded)."""
     model = onnx.load(str(graph_path), load_external_data=False)
-    total = 0
-    for init in model.graph.initializer:
-        if init.name.startswith((EMBED_ROWS_PREFIX, PREFILL_WEIGHTS_PREFIX)):
-            continue
-        external = {entry.key: entry.value for entry in init.external_data}
-        total += int(external["length"]) if "length" in external else len(init.raw_data)
-    return total
+    return sum(
+        stored_bytes(init)
+        for init in model.graph.initializer
+        if not init.name.startswith((EMBED_ROWS_PREFIX, PREFILL_WEIGHTS_PREFIX))
+    )
 
 
 def _gguf_weight_bytes(path: Path) -> int:

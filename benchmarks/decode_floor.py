@@ -8,8 +8,8 @@ row and reading the decoder's own weight file (nothing is copied or written). It
 a real decode step (a prefill of the demo prompt, then ``--steps`` steps, EOS ignored) and the products alone, and
 reports both medians and the per-run ratio products ÷ step: the share of a step that no change outside those
 kernels can remove, and the rate at which the kernels stream their weights (against `bench`'s bandwidth probe,
-run first). A profile (`profile_ops`) says the
-same with the profiler's own overhead on every small op; this says it without.
+run first). A profile (`profile_ops`) says the same with the profiler's own overhead on every small op; this says
+it without.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..runtime.export_format import ONNX_BACKEND, load_manifest
 from ..runtime.generation import DecodingBatch
 from ..runtime.images import demo_image_path
 from ..runtime.model import PaliGemma
+from .bench import stored_bytes
 from .machine import machine_info, roofline, run_times
 from .prefill_ab import QUARTILES
 
@@ -48,11 +49,6 @@ def _walk(graph: onnx.GraphProto):
 
 def _attribute(node: onnx.NodeProto, name: str) -> int:
     return next(a.i for a in node.attribute if a.name == name)
-
-
-def _stored_bytes(tensor: onnx.TensorProto) -> int:
-    external = {entry.key: entry.value for entry in tensor.external_data}
-    return int(external["length"]) if "length" in external else len(tensor.raw_data)
 
 
 def weight_products(decoder: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -82,7 +78,7 @@ def weight_products(decoder: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = helper.make_graph(nodes, "weight_products", inputs, outputs, list(used.values()))
     model = helper.make_model(graph, opset_imports=list(decoder.opset_import))
     model.ir_version = decoder.ir_version
-    return model, sum(_stored_bytes(tensor) for tensor in used.values())
+    return model, sum(stored_bytes(tensor) for tensor in used.values())
 
 
 def measure(export_dir: Path, runs: int, steps: int, threads: int | None, prompt: str = "caption en") -> dict:
