@@ -14,19 +14,21 @@ import subprocess
 import sys
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import onnx
 from tqdm.auto import tqdm
 
 from ..runtime.export_format import (
     EMBED_ROWS_PREFIX,
-    LLAMACPP_BACKEND,
     PREFILL_WEIGHTS_PREFIX,
+    DecoderBackend,
+    Graph,
     Manifest,
     load_manifest,
 )
 from .machine import machine_info, roofline
-from .worker import STAGES
+from .worker import STAGES, WorkerRequest
 
 KV_BYTES_PER_VALUE = 4  # the runtime keeps the cache in fp32
 
@@ -55,14 +57,14 @@ def _gguf_weight_bytes(path: Path) -> int:
 
 
 def decoder_weight_bytes(manifest: Manifest) -> int:
-    path = manifest.path(manifest.graph("decoder").file)
-    return _gguf_weight_bytes(path) if manifest.decoder_backend == LLAMACPP_BACKEND else _weight_bytes(path)
+    path = manifest.path(manifest.graph(Graph.DECODER).file)
+    return _gguf_weight_bytes(path) if manifest.decoder_backend == DecoderBackend.LLAMACPP else _weight_bytes(path)
 
 
 def kv_bytes_per_value(manifest: Manifest) -> int:
     """onnxruntime keeps the cache in fp32; llama.cpp in f32 for full-precision GGUF exports, else f16
     (LlamaCppOptions' defaults)."""
-    if manifest.decoder_backend == LLAMACPP_BACKEND and manifest.is_quantized:
+    if manifest.decoder_backend == DecoderBackend.LLAMACPP and manifest.is_quantized:
         return 2
     return KV_BYTES_PER_VALUE
 
@@ -96,11 +98,11 @@ def prefill_flops(manifest: Manifest, costs: dict, tokens: int) -> float:
     return 2 * costs["body_params"] * tokens + attention + 2 * lm.hidden_size * lm.vocab_size
 
 
-def _run_worker(args: list[str]) -> dict:
-    command = [sys.executable, "-m", "paligemma_edge.benchmarks.worker", *map(str, args)]
-    out = subprocess.run(command, capture_output=True, text=True)
+def _run_worker(request: WorkerRequest) -> dict:
+    command = [sys.executable, "-m", "paligemma_edge.benchmarks.worker"]
+    out = subprocess.run(command, input=request.to_json(), capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed ({' '.join(command)}):\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"benchmark worker failed ({request.to_json()}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -170,25 +172,28 @@ def run_bench(
     provider: str = "cpu",
 ) -> dict:
     machine = {**machine_info(threads), **roofline(threads)}
-    common = [image, prompt, new_tokens, repeat, threads or 0]
-    jobs = [["export", Path(d), *common, gpu_layers, provider] for d in dirs]
-    jobs += [["hf", baseline_hf, *common, dtype] for dtype in hf_dtypes] if baseline_hf else []
+
+    def job(kind: str, target: Path, **extra: Any) -> WorkerRequest:
+        return WorkerRequest(kind, str(target), str(image), prompt, new_tokens, repeat, threads, **extra)
+
+    jobs = [job("export", Path(d), gpu_layers=gpu_layers, provider=provider) for d in dirs]
+    jobs += [job("hf", baseline_hf, dtype=dtype) for dtype in hf_dtypes] if baseline_hf else []
     measured: list[list[dict]] = [[] for _ in jobs]
     with tqdm(total=rounds * len(jobs), desc="bench", unit="target") as bar:
         for _ in range(rounds):
-            for job, runs in zip(jobs, measured):
-                bar.set_postfix_str(Path(job[1]).name + (f" {job[-1]}" if job[0] == "hf" else ""))
-                runs.append(_run_worker(job))
+            for request, runs in zip(jobs, measured):
+                bar.set_postfix_str(Path(request.target).name + (f" {request.dtype}" if request.kind == "hf" else ""))
+                runs.append(_run_worker(request))
                 bar.update()
     results = [
-        describe_export(job[1], merge_rounds(runs), new_tokens, machine, provider)
-        for job, runs in zip(jobs, measured)
-        if job[0] == "export"
+        describe_export(Path(request.target), merge_rounds(runs), new_tokens, machine, provider)
+        for request, runs in zip(jobs, measured)
+        if request.kind == "export"
     ]
     baselines = [
-        {**merge_rounds(runs), "target": str(job[1]), "backend": "transformers-eager", "precision": job[-1]}
-        for job, runs in zip(jobs, measured)
-        if job[0] == "hf"
+        {**merge_rounds(runs), "target": request.target, "backend": "transformers-eager", "precision": request.dtype}
+        for request, runs in zip(jobs, measured)
+        if request.kind == "hf"
     ]
     reference = next((b for b in baselines if b["precision"] == "fp32"), None)
     if reference:

@@ -8,50 +8,7 @@ import time
 
 import numpy as np
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# the instruction-set extensions that decide which kernels run (and which builds crash: AMX advertised, not allowed)
-_ISA_FLAGS = (
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "avx_vnni",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-    "neon",
-    "asimd",
-    "sve",
-)
-
-
-def cpu_flags() -> list[str]:
-    """The performance-relevant CPU flags the kernel reports (x86 "flags", Arm "Features")."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in _ISA_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
+from ..runtime import cpu
 
 
 def machine_info(threads: int | None) -> dict:
@@ -59,8 +16,7 @@ def machine_info(threads: int | None) -> dict:
     import psutil
 
     return {
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
+        **cpu.describe(),
         "cores_logical": os.cpu_count(),
         "cores_physical": psutil.cpu_count(logical=False),
         "threads": threads or os.cpu_count(),

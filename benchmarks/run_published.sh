@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces benchmarks/RESULTS.md on this machine: full-size RANDOM checkpoints (real shapes, random
+# Reproduces docs/performance.md's tables on this machine: full-size RANDOM checkpoints (real shapes, random
 # values) → fp32 export (verified) → int8 / int4 → bench against transformers on the same weights.
-# Each step's wall time and peak RSS come from /usr/bin/time -v (benchmarks/results/PRESET-STEP.time).
+# Each step's wall time and peak RSS come from /usr/bin/time -v (benchmarks/results/export-memory-PRESET-STEP.time).
 # Needs ~30 GB of disk per preset; long steps show progress.
 # Usage: benchmarks/run_published.sh [PRESET ...]   (default: paligemma-3b-224)
 # Environment: RECIPES (default "int8 int4"), BENCH (exports to bench, default "fp32 int8 int4"),
@@ -17,7 +17,7 @@ RECIPES=${RECIPES-int8 int4}
 BENCH=${BENCH-fp32 int8 int4}
 HF=${HF-fp32,bf16}
 mkdir -p "$DATA" "$OUT"
-timed() { local name=$1; shift; /usr/bin/time -v -o "$OUT/$name.time" "$@"; }
+timed() { local name=$1; shift; /usr/bin/time -v -o "$OUT/export-memory-$name.time" "$@"; }
 peak() { grep -E "Maximum resident|Elapsed" "$1" | sed 's/^\s*//'; }
 for preset in "${@:-paligemma-3b-224}"; do
   hf="$DATA/$preset-hf"
@@ -27,11 +27,11 @@ for preset in "${@:-paligemma-3b-224}"; do
     timed "$preset-quantize-$recipe" $PE quantize "$DATA/$preset-fp32" "$DATA/$preset-$recipe" --recipe "$recipe"
   done
   for step in random export $(printf "quantize-%s " $RECIPES); do
-    [ -f "$OUT/$preset-$step.time" ] && { echo "$preset $step:"; peak "$OUT/$preset-$step.time"; }
+    [ -f "$OUT/export-memory-$preset-$step.time" ] && { echo "$preset $step:"; peak "$OUT/export-memory-$preset-$step.time"; }
   done
   dirs=(); for precision in $BENCH; do dirs+=("$DATA/$preset-$precision"); done
   baseline=(); [ -n "$HF" ] && baseline=(--baseline-hf "$hf" --hf-dtypes "$HF")
   $PE bench "${dirs[@]}" --new-tokens 32 --repeat "${REPEAT:-3}" --rounds "${ROUNDS:-1}" "${baseline[@]}" \
-    --json "$OUT/$preset.json" --plot "$OUT/$preset.png"
+    --json "$OUT/latency-$preset.json" --plot "$OUT/latency-$preset.png"
   if [ "${CLEAN:-0}" = 1 ]; then rm -rf "$hf" "$DATA/$preset-fp32"; fi
 done

@@ -1,7 +1,8 @@
-"""Measure one target in a process of its own, so peak RSS belongs to it alone; prints one JSON line.
+"""Measure one target in a process of its own, so peak RSS belongs to it alone: a `WorkerRequest` as JSON on
+stdin, the measurements as one JSON line on stdout.
 
-python -m paligemma_edge.benchmarks.worker export EXPORT IMAGE PROMPT NEW_TOKENS REPEAT THREADS [GPU_LAYERS [cpu|cuda]]
-python -m paligemma_edge.benchmarks.worker hf CHECKPOINT IMAGE PROMPT NEW_TOKENS REPEAT THREADS DTYPE
+    echo '{"kind": "export", "target": "pg-int4", "image": "cat.png", "prompt": "caption en", ...}' |
+        python -m paligemma_edge.benchmarks.worker
 """
 
 from __future__ import annotations
@@ -10,9 +11,35 @@ import json
 import resource
 import sys
 import time
+from dataclasses import asdict, dataclass
 from statistics import median
 
 import psutil
+
+
+@dataclass(frozen=True)
+class WorkerRequest:
+    """What one worker measures: an export through the public API, or transformers eager (``kind`` "hf") on a
+    checkpoint in ``dtype``."""
+
+    kind: str  # "export" or "hf"
+    target: str  # the export directory or the checkpoint
+    image: str
+    prompt: str
+    new_tokens: int
+    repeat: int
+    threads: int | None = None
+    gpu_layers: int = 0  # exports on llama.cpp
+    provider: str = "cpu"  # exports on onnxruntime
+    dtype: str = "fp32"  # hf: fp32 or bf16
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerRequest:
+        return cls(**json.loads(text))
+
 
 STAGES = ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_tok_s", "step_ms_first", "step_ms_last")
 EDGE_STEPS = 4  # steps averaged for the short- and long-context step times
@@ -48,16 +75,7 @@ def _decode_stats(step_times: list[float]) -> dict:
     }
 
 
-def bench_export(
-    export_dir: str,
-    image_path: str,
-    prompt: str,
-    new_tokens: int,
-    repeat: int,
-    threads: int | None,
-    gpu_layers: int = 0,
-    provider: str = "cpu",
-):
+def bench_export(request: WorkerRequest) -> dict:
     """Any export through the public API: encode (preprocess + vision), then generate with EOS ignored."""
     from paligemma_edge import PaliGemma
     from paligemma_edge.runtime.backends.options import EXECUTION_PROVIDERS
@@ -66,33 +84,34 @@ def bench_export(
     memory = {"start": rss()}
     start = time.perf_counter()
     model = PaliGemma.load(
-        export_dir,
-        providers=EXECUTION_PROVIDERS[provider],
-        threads=threads,
+        request.target,
+        providers=EXECUTION_PROVIDERS[request.provider],
+        threads=request.threads,
         verify_checksums=False,
-        gpu_layers=gpu_layers,
+        gpu_layers=request.gpu_layers,
     )
     load_s = time.perf_counter() - start
     memory["after_load"] = rss()
-    image = load_image(image_path)
+    image = load_image(request.image)
+    prompt, new_tokens = request.prompt, request.new_tokens
 
     def after_first_token(event) -> None:
         memory.setdefault("after_prefill", rss())
 
     runs = []
-    for index in range(repeat + 1):  # run 0 is the warm-up
+    for index in range(request.repeat + 1):  # run 0 is the warm-up
         features = model.encode_image(image)
         memory.setdefault("after_vision", rss())
         result = model.generate(features, prompt, new_tokens, ignore_eos=True, on_token=after_first_token)
         memory.setdefault("after_decode", rss())
-        encoded, timings = features.timings, result.timings
+        timings = result.timings  # the features' encode included
         if index:
             runs.append(
                 {
-                    "preprocess_s": encoded.preprocess_s,
-                    "vision_s": encoded.vision_s,
+                    "preprocess_s": timings.preprocess_s,
+                    "vision_s": timings.vision_s,
                     "prefill_s": timings.prefill_s,
-                    "ttft_s": encoded.preprocess_s + encoded.vision_s + timings.prefill_s,
+                    "ttft_s": timings.ttft_s,
                     **_decode_stats(timings.step_s),
                 }
             )
@@ -102,16 +121,15 @@ def bench_export(
     return {**report, "backend_build": build} if build else report
 
 
-def bench_hf(
-    checkpoint: str, image_path: str, prompt: str, new_tokens: int, repeat: int, threads: int | None, dtype: str
-):
+def bench_hf(request: WorkerRequest) -> dict:
     import torch
     from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList, PaliGemmaForConditionalGeneration
 
     from paligemma_edge.runtime.images import load_image
 
-    if threads:
-        torch.set_num_threads(threads)
+    checkpoint, prompt, new_tokens, dtype = request.target, request.prompt, request.new_tokens, request.dtype
+    if request.threads:
+        torch.set_num_threads(request.threads)
     memory = {"start": rss()}
     start = time.perf_counter()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -121,10 +139,10 @@ def bench_hf(
     processor = AutoProcessor.from_pretrained(checkpoint)
     load_s = time.perf_counter() - start
     memory["after_load"] = rss()
-    image = load_image(image_path)
+    image = load_image(request.image)
 
     class Clock(LogitsProcessor):
-        def __init__(self):
+        def __init__(self) -> None:
             self.times: list[float] = []
 
         def __call__(self, input_ids, scores):
@@ -146,7 +164,7 @@ def bench_hf(
     model.model.multi_modal_projector.register_forward_hook(vision_ends)
 
     runs = []
-    for index in range(repeat + 1):
+    for index in range(request.repeat + 1):
         t0 = time.perf_counter()
         inputs = processor(images=image, text="<image>" + prompt, return_tensors="pt")
         inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
@@ -177,19 +195,12 @@ def bench_hf(
     return {"load_s": load_s, **summarize(runs), "context_tokens": context, "memory": memory}
 
 
-def main(argv: list[str]) -> None:
-    kind, target, image, prompt, new_tokens, repeat, threads, *rest = argv
-    threads_arg = int(threads) or None
-    if kind == "export":
-        gpu_layers, provider = (rest + ["0", "cpu"][len(rest) :])[:2]
-        result = bench_export(
-            target, image, prompt, int(new_tokens), int(repeat), threads_arg, int(gpu_layers), provider
-        )
-    else:
-        result = bench_hf(target, image, prompt, int(new_tokens), int(repeat), threads_arg, rest[0])
+def main() -> None:
+    request = WorkerRequest.from_json(sys.stdin.read())
+    result = bench_export(request) if request.kind == "export" else bench_hf(request)
     result["memory"]["peak"] = peak_rss()
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

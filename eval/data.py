@@ -62,7 +62,8 @@ def _box(value: Any, line: int) -> tuple[float, float, float, float]:
         or value[3] <= value[1]
     ):
         raise _fail(line, f"a box must be [x0, y0, x1, y1] pixels with x1 > x0 and y1 > y0, got {value!r}")
-    return tuple(float(v) for v in value)
+    x0, y0, x1, y1 = (float(v) for v in value)
+    return x0, y0, x1, y1
 
 
 def _objects(items: Any, key: str, line: int) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -64,6 +65,24 @@ def _box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
 
 
 COLUMNS = ("examples", "exact_match", "cer", "precision", "recall", "map50", "mean_iou", "mask_iou")
+RANDOM_WEIGHTS_NOTE = "RANDOM weights: these figures say nothing about quality"
+
+
+@dataclass
+class EvalReport:
+    """`paligemma-edge eval`'s result: per task group, its metrics."""
+
+    export: str
+    data: str
+    tasks: dict[str, dict]
+    random_weights: bool = False
+
+    def to_dict(self) -> dict:
+        report = {"export": self.export, "data": self.data, "tasks": self.tasks}
+        return {**report, "note": RANDOM_WEIGHTS_NOTE} if self.random_weights else report
+
+    def table(self) -> str:
+        return table(self.tasks) + (f"\n{RANDOM_WEIGHTS_NOTE}" if self.random_weights else "")
 
 
 def table(report: dict) -> str:

@@ -5,9 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runtime.errors import CheckpointError
+from ..runtime.export_format import Precision
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
-DTYPES = ("fp32", "fp16")
+DTYPES = (Precision.FP32, Precision.FP16)
+# a file in a checkpoint directory written by paligemma-edge's random-checkpoint writers: exports and reports say
+# "random weights"
+RANDOM_WEIGHTS_MARKER = "paligemma_edge_random.json"
+# big_vision's VQ-VAE mask decoder, where a checkpoint directory carries it (the shipped shapes models do)
+SEG_DECODER_FILE = "vae-oid.npz"
 
 
 def resolve_checkpoint(model: str | Path) -> Path:
@@ -34,7 +40,7 @@ def resolve_checkpoint(model: str | Path) -> Path:
         ) from error
 
 
-def load_checkpoint(path: Path, dtype: str = "fp32"):
+def load_checkpoint(path: Path, dtype: Precision = Precision.FP32):
     """(model, processor) in eval mode with eager attention, the parity reference."""
     import torch
     from transformers import AutoConfig, AutoProcessor, PaliGemmaForConditionalGeneration
@@ -47,7 +53,7 @@ def load_checkpoint(path: Path, dtype: str = "fp32"):
         raise CheckpointError(f"Cannot read {path}/config.json: {error}") from error
     if config.model_type != "paligemma":
         raise CheckpointError(f"{path} is a {config.model_type!r} checkpoint, not PaliGemma.")
-    torch_dtype = torch.float32 if dtype == "fp32" else torch.float16
+    torch_dtype = torch.float32 if dtype == Precision.FP32 else torch.float16
     try:
         model = PaliGemmaForConditionalGeneration.from_pretrained(
             path, dtype=torch_dtype, attn_implementation="eager"

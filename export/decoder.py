@@ -17,6 +17,8 @@ a Gather along axis 1 of the same initializer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers.models.gemma.modeling_gemma import rotate_half
@@ -27,13 +29,13 @@ from .attention import QUERY_CHUNK, attend
 class ExportableDecoder(nn.Module):
     """(ids, image embeds, positions, masks, KV buffers) → (selected logits, new tokens' KV)."""
 
-    def __init__(self, hf_model: nn.Module, query_chunk: int = QUERY_CHUNK):
+    def __init__(self, hf_model: Any, query_chunk: int = QUERY_CHUNK):  # PaliGemmaForConditionalGeneration
         super().__init__()
         self.query_chunk = query_chunk
-        language_model = hf_model.model.language_model
-        config = language_model.config
+        language_model: Any = hf_model.model.language_model
+        config: Any = language_model.config
         self.config = config
-        self.layers = language_model.layers
+        self.layers: Any = language_model.layers
         self.norm = language_model.norm
         self.rotary_emb = language_model.rotary_emb
         self.embed_scale = float(config.hidden_size) ** 0.5

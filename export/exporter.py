@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import multiprocessing
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -15,23 +16,26 @@ from ..runtime import errors, spec
 from ..runtime import export_format as fmt
 from ..runtime.errors import CheckpointError, PaliGemmaEdgeError
 from ..runtime.export_format import (
+    DecoderBackend,
+    Graph,
     GraphEntry,
     LanguageModelConfig,
     Manifest,
+    Precision,
     TokenIds,
     VisionConfig,
     checksum_files,
     load_manifest,
     sha256_file,
 )
-from ..runtime.output_dirs import atomic_output_dir
+from ..runtime.output_dirs import atomic_output_dir, storage_full_as_typed_error
 from .attention import QUERY_CHUNK
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import RANDOM_WEIGHTS_MARKER, SEG_DECODER_FILE, load_checkpoint, resolve_checkpoint
 from .graphs import export_decoder, export_vision, opset_for
-from .random_checkpoint import RANDOM_MARKER
 from .seg_decoder import load_vae_npz, write_mask_decoder
 from .verify import Reference, raise_if_failed, transformers_reference, verify_export
 
+log = logging.getLogger(__name__)
 REFERENCE_FILE = ".transformers_reference.npz"
 ERROR_FILE = ".export_error.json"
 ISOLATE_BYTES = 2 * 1024**3
@@ -39,13 +43,14 @@ ISOLATE_BYTES = 2 * 1024**3
 
 @dataclass
 class ExportSettings:
-    dtype: str = "fp32"
+    dtype: Precision = Precision.FP32
     verify: bool = True
     verify_prompt: str = "caption en"
     verify_steps: int = 16
     seg_decoder: Path | None = None  # big_vision's vae-oid.npz → mask_decoder.onnx
+    find_seg_decoder: bool = True  # without seg_decoder: the checkpoint directory's own vae-oid.npz, if it has one
     isolate: bool | None = None  # torch stage in a child process; None: when the checkpoint is > ISOLATE_BYTES
-    backend: str = fmt.ONNX_BACKEND  # or fmt.LLAMACPP_BACKEND: the decoder as GGUF (vision stays ONNX)
+    backend: DecoderBackend = DecoderBackend.ONNXRUNTIME  # LLAMACPP: the decoder as GGUF (vision stays ONNX)
     query_chunk: int = QUERY_CHUNK  # attention takes the queries this many rows at a time (export/attention.py)
 
 
@@ -84,7 +89,7 @@ def _write_tokenizer(checkpoint: Path, processor, out: Path) -> Path:
     return path
 
 
-def _versions(backend: str) -> dict:
+def _versions(backend: DecoderBackend) -> dict:
     import onnx
     import onnxruntime
     import torch
@@ -99,7 +104,7 @@ def _versions(backend: str) -> dict:
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-    if backend == fmt.LLAMACPP_BACKEND:
+    if backend == DecoderBackend.LLAMACPP:
         from importlib.metadata import version
 
         versions["gguf"] = version("gguf")
@@ -122,7 +127,7 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
         checkpoint = resolve_checkpoint(model)
         # GGUF --dtype fp16: fp16 weights in the GGUF only; llama.cpp computes in f32, so torch (the reference and
         # the vision graph) stays fp32 and the f16 weights are judged against it
-        torch_dtype = "fp32" if settings.backend == fmt.LLAMACPP_BACKEND else settings.dtype
+        torch_dtype = Precision.FP32 if settings.backend == DecoderBackend.LLAMACPP else settings.dtype
         hf_model, processor = load_checkpoint(checkpoint, torch_dtype)
         out.mkdir(parents=True, exist_ok=True)
         config = hf_model.config
@@ -143,7 +148,7 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
         tokenizer_path = _write_tokenizer(checkpoint, processor, out)
         token_ids = _token_ids(tokenizer_path, hf_model)
         bar.set_postfix_str(steps[2])
-        if settings.backend == fmt.LLAMACPP_BACKEND:
+        if settings.backend == DecoderBackend.LLAMACPP:
             from .gguf_decoder import write_gguf_decoder
 
             decoder_file = fmt.GGUF_DECODER_FILE
@@ -171,7 +176,7 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
         manifest = Manifest(
             model_type="paligemma2" if text_config.model_type == "gemma2" else "paligemma",
             source=str(model),
-            random_weights=(checkpoint / RANDOM_MARKER).is_file(),
+            random_weights=(checkpoint / RANDOM_WEIGHTS_MARKER).is_file(),
             image_size=image_size,
             num_image_tokens=(image_size // vision_config.patch_size) ** 2,
             language_model=LanguageModelConfig(
@@ -201,10 +206,10 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
             tokens=token_ids,
             decoder_backend=settings.backend,
             graphs={
-                "vision": GraphEntry(
+                Graph.VISION: GraphEntry(
                     fmt.VISION_FILE, torch_dtype, vision["inputs"], vision["outputs"], source=attention_record
                 ),
-                "decoder": decoder_entry,
+                Graph.DECODER: decoder_entry,
             },
             sliding_window_rule=(
                 "transformers: sliding layers see keys < window positions back; prefix pairs always see each other"
@@ -223,6 +228,9 @@ def _torch_stage(model: str | Path, out: Path, settings: ExportSettings) -> tupl
 
 def _torch_stage_in_child(model: str, out: str, settings: dict) -> None:
     """Entry point of the isolated torch stage (a spawned process): results and typed errors go to disk."""
+    from ..runtime.console import configure_output
+
+    configure_output()  # as quiet (or verbose) as the command that spawned it
     try:
         manifest, reference = _torch_stage(model, Path(out), ExportSettings(**settings))
         if reference is not None:
@@ -269,9 +277,12 @@ def export_model(
     a non-empty ``out_dir`` is refused unless ``overwrite``.
     """
     settings = settings or ExportSettings()
+    checkpoint = resolve_checkpoint(model)
+    if settings.seg_decoder is None and settings.find_seg_decoder and (checkpoint / SEG_DECODER_FILE).is_file():
+        settings = replace(settings, seg_decoder=checkpoint / SEG_DECODER_FILE)
+        log.info("masks: %s, the checkpoint's own VQ-VAE (--no-seg-decoder leaves it out)", settings.seg_decoder)
     if settings.seg_decoder is not None:
         load_vae_npz(settings.seg_decoder)  # a bad npz fails now, not after the export
-    checkpoint = resolve_checkpoint(model)
     with atomic_output_dir(out_dir, overwrite, sources=[checkpoint]) as work:
         manifest = _export_into(model, work, settings)
     manifest.directory = Path(out_dir)
@@ -292,15 +303,23 @@ def _export_into(model: str | Path, out: Path, settings: ExportSettings) -> Mani
 
 
 def attach_mask_decoder(export_dir: str | Path, npz_path: str | Path) -> Manifest:
-    """Add big_vision's VQ-VAE mask decoder (vae-oid.npz) to an export as mask_decoder.onnx."""
+    """Add big_vision's VQ-VAE mask decoder (vae-oid.npz) to an export as mask_decoder.onnx.
+
+    The graph is written to a hidden file beside its place and renamed over it, then the manifest is replaced the
+    same way: a failure (a full disk included: `StorageFullError`) leaves the export as it was, with nothing extra.
+    """
     export_dir, npz_path = Path(export_dir), Path(npz_path)
     manifest = load_manifest(export_dir)
     partial = export_dir / f".{fmt.MASK_DECODER_FILE}.partial"
-    write_mask_decoder(npz_path, partial)
-    partial.replace(export_dir / fmt.MASK_DECODER_FILE)  # the graph, then the manifest: each replaced whole
-    manifest.graphs["mask_decoder"] = GraphEntry(
+    try:
+        with storage_full_as_typed_error(partial, export_dir / fmt.MASK_DECODER_FILE):
+            write_mask_decoder(npz_path, partial)
+            partial.replace(export_dir / fmt.MASK_DECODER_FILE)  # the graph, then the manifest: each replaced whole
+    finally:
+        partial.unlink(missing_ok=True)
+    manifest.graphs[Graph.MASK_DECODER] = GraphEntry(
         fmt.MASK_DECODER_FILE,
-        "fp32",
+        Precision.FP32,
         [fmt.SEG_CODES],
         [fmt.MASK_LOGITS],
         source={"file": npz_path.name, "sha256": sha256_file(npz_path)},

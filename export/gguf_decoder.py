@@ -14,10 +14,12 @@ import math
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from ..runtime.errors import CheckpointError
+from ..runtime.export_format import Precision
 
-GGUF_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+GGUF_DTYPES = {Precision.FP32: np.float32, Precision.FP16: np.float16}
 ARCHITECTURES = {"gemma": "GEMMA", "gemma2": "GEMMA2"}
 _NORM_SUFFIXES = ("layernorm.weight", "norm.weight")
 
@@ -70,7 +72,7 @@ def _vocabulary(tokenizer_path: Path, rows: int):
     return pieces, scores, types
 
 
-def _tensors(language_model, architecture: str, num_layers: int, query_factor: float, dtype: np.dtype):
+def _tensors(language_model, architecture: str, num_layers: int, query_factor: float, dtype: npt.DTypeLike):
     """(gguf name, array) per weight, in checkpoint order; arrays are views of the torch weights where possible."""
     import gguf
 
@@ -90,7 +92,7 @@ def _tensors(language_model, architecture: str, num_layers: int, query_factor: f
         yield name, array.astype(dtype, copy=False)
 
 
-def write_gguf_decoder(hf_model, tokenizer_path: Path, tokens, path: Path, dtype: str = "fp32") -> dict:
+def write_gguf_decoder(hf_model, tokenizer_path: Path, tokens, path: Path, dtype: Precision = Precision.FP32) -> dict:
     """Write ``path``; returns what the manifest records about it."""
     import gguf
 
@@ -120,7 +122,7 @@ def write_gguf_decoder(hf_model, tokenizer_path: Path, tokens, path: Path, dtype
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(text_config.rms_norm_eps)
     writer.add_rope_freq_base(float(getattr(text_config, "rope_theta", None) or _rope_theta(text_config)))
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "fp32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == Precision.FP32 else gguf.LlamaFileType.MOSTLY_F16)
     if architecture == "gemma2":
         writer.add_sliding_window(text_config.sliding_window)
         writer.add_sliding_window_pattern(sliding)

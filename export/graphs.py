@@ -6,6 +6,7 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -53,7 +54,7 @@ def _export(module: torch.nn.Module, args: tuple, **kwargs):
             dynamo=True,
             opset_version=opset,
             verbose=False,
-            custom_translation_table=CUSTOM_TRANSLATIONS,
+            custom_translation_table=CUSTOM_TRANSLATIONS,  # type: ignore[arg-type]  # OpOverloads are callables
             **kwargs,
         )
 
@@ -76,7 +77,7 @@ def export_vision(hf_model, image_size: int, path: Path, query_chunk: int = QUER
 
 def export_decoder(hf_model, path: Path, query_chunk: int = QUERY_CHUNK) -> dict:
     module = ExportableDecoder(hf_model, query_chunk).eval()
-    config = module.config
+    config: Any = module.config
     layers = len(module.layers)
     batch, seq, past, total = 2, 5, 3, 8
     dtype = module.table.dtype

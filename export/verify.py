@@ -11,11 +11,12 @@ import torch
 
 from ..runtime import spec
 from ..runtime.errors import VerificationError
+from ..runtime.export_format import Precision
 from ..runtime.images import demo_image_path, load_image, preprocess
 from ..runtime.model import PaliGemma
 
 # Max |Δlogit| allowed, relative to the largest |logit| (and at least this much absolute).
-TOLERANCE = {"fp32": 2e-3, "fp16": 5e-2}
+TOLERANCE = {Precision.FP32: 2e-3, Precision.FP16: 5e-2}
 
 
 @dataclass
@@ -31,13 +32,13 @@ class VerificationReport:
     max_abs_pixel_diff: float
     prompt_ids_agree: bool
 
-    dtype: str = "fp32"
+    dtype: Precision = Precision.FP32
 
     @property
     def passed(self) -> bool:
         """fp32 must reproduce transformers' greedy tokens; fp16 kernels round differently from
         transformers' CPU fp16, so there only the teacher-forced logits are held to a tolerance."""
-        tokens_ok = self.tokens_agree or self.dtype != "fp32"
+        tokens_ok = self.tokens_agree or self.dtype != Precision.FP32
         return tokens_ok and self.prompt_ids_agree and self.max_abs_logit_diff <= self.tolerance
 
     def to_dict(self) -> dict:
@@ -102,7 +103,7 @@ def transformers_reference(
     )
 
 
-def verify_export(reference: Reference, export_dir: Path, dtype: str = "fp32") -> VerificationReport:
+def verify_export(reference: Reference, export_dir: Path, dtype: Precision = Precision.FP32) -> VerificationReport:
     """Greedy tokens for ``steps`` steps must agree and teacher-forced logits stay within tolerance."""
     runtime = PaliGemma.load(export_dir, verify_checksums=False, memory_arena=False)  # peak RSS over speed
     image, prompt = load_image(reference.image_path), reference.prompt
@@ -135,7 +136,7 @@ def raise_if_failed(report: VerificationReport) -> None:
     problems = []
     if not report.prompt_ids_agree:
         problems.append("prompt token ids differ from PaliGemmaProcessor's")
-    if not report.tokens_agree and report.dtype == "fp32":
+    if not report.tokens_agree and report.dtype == Precision.FP32:
         problems.append(f"greedy tokens differ: transformers {report.hf_tokens} vs ONNX {report.onnx_tokens}")
     if report.max_abs_logit_diff > report.tolerance:
         problems.append(f"max |Δlogit| {report.max_abs_logit_diff:.3g} exceeds {report.tolerance:.3g}")

@@ -20,16 +20,6 @@ from ..runtime.images import demo_image_path, load_image
 from ..runtime.model import ImageFeatures, PaliGemma
 from ..runtime.outputs import box_iou
 
-DEFAULT_PROMPTS = (
-    "cap en",
-    "caption en",
-    "describe en",
-    "ocr",
-    "answer en what is in the image?",
-    "question en a red house",
-    "detect house ; car",
-    "segment car",
-)
 CONTINUATION_TOKENS = 24
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 

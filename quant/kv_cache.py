@@ -9,7 +9,7 @@
   own keys and values unrounded; from the next call on they are read rounded.
 
 onnxruntime's CPU provider has no fp16 MatMul: it converts each layer's cache to fp32 at every step, so a 4.1k-token
-step takes 1.58× as long (benchmarks/RESULTS.md, "A 16-bit KV cache"). The CPU recipes keep an fp32 cache; the GPU
+step takes 1.58× as long (docs/performance.md, "Long context"). The CPU recipes keep an fp32 cache; the GPU
 recipe (fp16) uses this one.
 """
 
@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from ..runtime import export_format as fmt
 from ..runtime.errors import QuantizationError
 
-CACHE_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+CACHE_TYPES: dict[fmt.Precision, int] = {fmt.Precision.FP32: TensorProto.FLOAT, fmt.Precision.FP16: TensorProto.FLOAT16}
 _SUBGRAPHS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
@@ -83,11 +83,12 @@ def _products_in(graph: onnx.GraphProto, cache: set[str], stored: int, computed:
 
 def store_cache_in(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     """Make the graph's KV-cache buffers (inputs) and new keys/values (outputs) ``precision``; in place."""
-    if precision not in CACHE_TYPES:
+    stored = next((code for name, code in CACHE_TYPES.items() if name == precision), None)
+    if stored is None:
         raise QuantizationError(f"KV-cache precision must be one of {tuple(CACHE_TYPES)}, got {precision!r}")
     graph = model.graph
     past, new = _cache_values(graph)
-    computed, stored = past[0].type.tensor_type.elem_type, CACHE_TYPES[precision]
+    computed = past[0].type.tensor_type.elem_type
     if stored == computed:
         return model
     cache = {v.name for v in past}

@@ -9,9 +9,10 @@ from ..export.exporter import ExportSettings, export_model
 from ..runtime.export_format import Manifest
 from ..runtime.model import PaliGemma
 from ..runtime.output_dirs import check_output_dir, publish_dir, storage_full_as_typed_error
-from .compare import DEFAULT_PROMPTS, compare_exports, default_images
-from .quantize import quantize_export
-from .recipes import Recipe
+from ..runtime.recipes import Recipe
+from ..runtime.tasks import example_prompts
+from .compare import compare_exports, default_images
+from .quantize import check_recipe_fits, quantize_export
 
 
 def export_quantized(
@@ -19,6 +20,7 @@ def export_quantized(
 ) -> Manifest:
     """The fp32 export (verified against transformers) lives in a scratch directory beside OUT and is
     deleted afterwards; OUT appears, whole, with the quantized export and its quality summary."""
+    check_recipe_fits(recipe, settings.backend, f"--backend {settings.backend} makes")  # before any work
     out = check_output_dir(out_dir, overwrite)
     with (
         tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=f".{out.name}.partial-") as scratch,
@@ -31,9 +33,10 @@ def export_quantized(
             PaliGemma.load(fp32, verify_checksums=False),
             PaliGemma.load(quantized, verify_checksums=False),
             default_images(),
-            list(DEFAULT_PROMPTS),
+            example_prompts(),
         )
-        manifest.quantization["source_export"] = f"fp32 export of {model} (not kept)"
+        assert manifest.quantization is not None
+        manifest.quantization.source_export = f"fp32 export of {model} (not kept)"
         manifest.source_verification = reference.verification
         manifest.quality = {"fp32": report.summary()}
         manifest.write(quantized)

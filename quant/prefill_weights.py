@@ -1,7 +1,7 @@
 """An int8 copy of the decoder body for prompts: onnxruntime's int8 GEMM where its 4-bit kernel is slow.
 
 MatMulNBits decodes near the memory roofline but runs a prompt's matmuls at about the fp32 GEMM rate on x86
-(benchmarks/RESULTS.md, "The prefill's kernel alone"), while onnxruntime's u8×s8 GEMM runs them several times
+(docs/performance.md, "Kernels"), while onnxruntime's u8×s8 GEMM runs them several times
 faster. So every body matmul becomes ``If(the call carries more than one position)``:
 
 - then (a prompt): activations quantized per row (one scale per token) × weights quantized per output column,

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from ..runtime import export_format as fmt
 from ..runtime.errors import QuantizationError
-from ..runtime.export_format import checksum_files, load_manifest
+from ..runtime.export_format import DecoderBackend, Graph, Precision, checksum_files, load_manifest
 from ..runtime.output_dirs import atomic_output_dir
-from .gguf_quant import quantize_gguf_export
+from ..runtime.recipes import GGUF_RECIPES, RECIPES, GgufRecipe, OnnxRecipe, PrefillWeights, Quantization, Recipe
+from .gguf_quant import quantize_gguf
 from .kv_cache import store_cache_in
 from .prefill_weights import quantize_columns, require_opset, route_prompts
-from .recipes import GGUF_RECIPES, RECIPES, GgufRecipe, Recipe
 
 ROWS_INT8, ROWS_SCALE = f"{fmt.EMBED_ROWS_PREFIX}int8", f"{fmt.EMBED_ROWS_PREFIX}scale"
 
@@ -127,19 +127,19 @@ def _rows_int8(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rows_cast(columns: np.ndarray, dtype: type) -> np.ndarray:
-    rows = np.empty((columns.shape[1], columns.shape[0]), dtype)
+    rows: np.ndarray = np.empty((columns.shape[1], columns.shape[0]), dtype)
     for start in range(0, columns.shape[1], _ROWS_PER_CHUNK):
         rows[start : start + _ROWS_PER_CHUNK] = columns[:, start : start + _ROWS_PER_CHUNK].T
     return rows
 
 
-def untie_embeddings(model: onnx.ModelProto, precision: str) -> None:
+def untie_embeddings(model: onnx.ModelProto, precision: Precision) -> None:
     """Give the embedding lookup its own [vocab, hidden] table in ``precision`` (fp32 / fp16 / int8 rows)."""
     gather, _, table = _table_users(model)
     columns = _table_view(table)
     ids, out = gather.input[1], gather.output[0]
     nodes, inits = [], []
-    if precision == "int8":
+    if precision == Precision.INT8:
         quantized, scale = _rows_int8(columns)
         inits += [
             numpy_helper.from_array(quantized, ROWS_INT8),
@@ -152,7 +152,7 @@ def untie_embeddings(model: onnx.ModelProto, precision: str) -> None:
             helper.make_node("Mul", ["embed.qf", "embed.s"], ["embed.rows"]),
         ]
     else:
-        dtype = np.float16 if precision == "fp16" else np.float32
+        dtype = np.float16 if precision == Precision.FP16 else np.float32
         rows_name = f"{fmt.EMBED_ROWS_PREFIX}{precision}"
         inits.append(numpy_helper.from_array(_rows_cast(columns, dtype), rows_name))
         nodes.append(helper.make_node("Gather", [rows_name, ids], ["embed.raw"], axis=0))
@@ -167,7 +167,7 @@ def untie_embeddings(model: onnx.ModelProto, precision: str) -> None:
 
 
 def _matmul_nbits(
-    model: onnx.ModelProto, bits: int, recipe: Recipe, include: list[str] | None, exclude: list[str] | None
+    model: onnx.ModelProto, bits: int, recipe: OnnxRecipe, include: list[str] | None, exclude: list[str] | None
 ) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -234,12 +234,12 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def quantize_decoder(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
+def quantize_decoder(model: onnx.ModelProto, recipe: OnnxRecipe) -> onnx.ModelProto:
     return store_cache_in(_quantize_weights(model, recipe), recipe.kv_cache)
 
 
-def _quantize_weights(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
-    if recipe.decoder == "fp16":
+def _quantize_weights(model: onnx.ModelProto, recipe: OnnxRecipe) -> onnx.ModelProto:
+    if recipe.decoder == Precision.FP16:
         return to_fp16(model)
     _, head, _ = _table_users(model)
     head_name = head.name or head.output[0]
@@ -247,14 +247,14 @@ def _quantize_weights(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto
         head.name = head_name
     if not recipe.tied:
         untie_embeddings(model, recipe.embeddings)
-    prompt_copies = _int8_body(model, head) if recipe.prefill == "int8" else {}
-    if recipe.decoder == "int4":
+    prompt_copies = _int8_body(model, head) if recipe.prefill == PrefillWeights.INT8 else {}
+    if recipe.decoder == Precision.INT4:
         model = _matmul_nbits(model, 4, recipe, include=None, exclude=[head_name])
-    elif recipe.decoder == "int8":  # 8-bit MatMulNBits: quantize_dynamic was OOM-killed on a 3B decoder (24 GiB)
+    elif recipe.decoder == Precision.INT8:  # 8-bit MatMulNBits: quantize_dynamic was OOM-killed on a 3B decoder
         model = _matmul_nbits(model, 8, recipe, include=None, exclude=[head_name])
-    if recipe.lm_head == "int4":
+    if recipe.lm_head == Precision.INT4:
         model = _matmul_nbits(model, 4, recipe, include=[head_name], exclude=None)
-    elif recipe.lm_head == "int8":
+    elif recipe.lm_head == Precision.INT8:
         model = _matmul_nbits(model, 8, recipe, include=[head_name], exclude=None)
     if prompt_copies and route_prompts(model, prompt_copies) != len(prompt_copies):
         raise QuantizationError("not every decoder body matmul became MatMulNBits; the int8 prefill copy needs them")
@@ -272,10 +272,10 @@ def _int8_body(model: onnx.ModelProto, head: onnx.NodeProto) -> dict[str, tuple[
     }
 
 
-def quantize_vision(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
-    if recipe.vision == "int8":
+def quantize_vision(model: onnx.ModelProto, precision: Precision) -> onnx.ModelProto:
+    if precision == Precision.INT8:
         return _dynamic_int8(model)
-    if recipe.vision == "fp16":
+    if precision == Precision.FP16:
         return to_fp16(model)
     return model
 
@@ -286,6 +286,19 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def check_recipe_fits(recipe: Recipe, backend: DecoderBackend, subject: str) -> None:
+    """ONNX recipes for ONNX decoders, GGUF recipes for GGUF ones (checked before any work). ``subject`` begins the
+    message: "DIR is", "--backend onnxruntime makes"."""
+    gguf = backend == DecoderBackend.LLAMACPP
+    if gguf != isinstance(recipe, GgufRecipe):
+        kinds = ", ".join(GGUF_RECIPES) if gguf else ", ".join(RECIPES)
+        other = "--backend onnxruntime" if gguf else "--backend llamacpp"
+        raise QuantizationError(
+            f"{subject} {'a GGUF (llama.cpp)' if gguf else 'an ONNX'} export: its recipes are {kinds}, not "
+            f"'{recipe.name}' (a {'GGUF' if isinstance(recipe, GgufRecipe) else 'ONNX'} recipe: export with {other})."
+        )
+
+
 def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe, overwrite: bool = False) -> fmt.Manifest:
     """Write a quantized copy of an fp32 export directory; returns its manifest.
 
@@ -293,54 +306,64 @@ def quantize_export(in_dir: str | Path, out_dir: str | Path, recipe: Recipe, ove
     at all, and a non-empty ``out_dir`` is refused unless ``overwrite``.
     """
     manifest = load_manifest(in_dir)
-    if manifest.is_quantized or any(graph.dtype != "fp32" for graph in manifest.graphs.values()):
+    if manifest.is_quantized or any(graph.dtype != Precision.FP32 for graph in manifest.graphs.values()):
         raise QuantizationError(f"{in_dir} is already quantized or not fp32; quantize the fp32 export instead.")
+    check_recipe_fits(recipe, manifest.decoder_backend, f"{in_dir} is")
     manifest.verify_files(checksums=True)  # a corrupt source must not get fresh checksums
-    gguf = manifest.decoder_backend == fmt.LLAMACPP_BACKEND
-    if gguf != isinstance(recipe, GgufRecipe):
-        kinds = ", ".join(GGUF_RECIPES) if gguf else ", ".join(RECIPES)
-        raise QuantizationError(
-            f"{in_dir} is {'a GGUF (llama.cpp)' if gguf else 'an ONNX'} export: its recipes are {kinds}, "
-            f"not {recipe.name!r}."
-        )
     with atomic_output_dir(out_dir, overwrite, sources=[in_dir]) as out:
-        if gguf:
-            quantize_gguf_export(manifest, out, recipe, _quantize_vision_file)
-        else:
-            _quantize_into(manifest, out, recipe)
+        source_dir = manifest.directory
+        assert source_dir is not None
+        graphs = (Graph.DECODER, Graph.VISION)  # the decoder (the big one) first, while the process is fresh
+        for graph in tqdm(graphs, desc=f"quantize {recipe.name}", unit="graph"):
+            _quantize_graph(source_dir, out, manifest.graph(graph), graph, recipe)
+        _finish_manifest(manifest, out, recipe)
     manifest.directory = Path(out_dir)
     return manifest
 
 
-def _quantize_vision_file(source: Path, target: Path, precision: str) -> None:
-    _save(quantize_vision(load_lazily(source), Recipe("vision", vision=precision)), target)
-    _return_freed_memory()
-
-
-def _quantize_into(manifest: fmt.Manifest, out: Path, recipe: Recipe) -> None:
-    source_dir = manifest.directory
-    graphs = manifest.graphs
-    # the decoder (the big one) first, while the process is fresh
-    steps = [("decoder", quantize_decoder, recipe.decoder), ("vision", quantize_vision, recipe.vision)]
-    for name, function, precision in tqdm(steps, desc=f"quantize {recipe.name}", unit="graph"):
-        file = graphs[name].file
-        unchanged_decoder = recipe.tied and recipe.lm_head == "fp32" and recipe.kv_cache == "fp32"
-        if precision == "fp32" and (name == "vision" or unchanged_decoder):
-            for part in fmt.graph_files(file):
+def _quantize_graph(source_dir: Path, out: Path, entry: fmt.GraphEntry, graph: Graph, recipe: Recipe) -> None:
+    """One graph of the export into ``out``, as the recipe says (copied where it stays as it is)."""
+    precision = recipe.precision_of(graph)
+    if graph == Graph.DECODER and isinstance(recipe, GgufRecipe):
+        quantize_gguf(source_dir / entry.file, out / entry.file, recipe)
+    elif graph == Graph.VISION and precision != Precision.FP32:
+        _save(quantize_vision(load_lazily(source_dir / entry.file), recipe.vision), out / entry.file)
+    elif graph == Graph.DECODER and isinstance(recipe, OnnxRecipe) and not _decoder_unchanged(recipe):
+        _save(quantize_decoder(load_lazily(source_dir / entry.file), recipe), out / entry.file)
+    else:
+        for part in fmt.graph_files(entry.file):
+            if (source_dir / part).is_file():
                 shutil.copyfile(source_dir / part, out / part)
-            continue
-        _save(function(load_lazily(source_dir / file), recipe), out / file)
-        _return_freed_memory()
-        graphs[name].dtype = precision
-    decoder = graphs["decoder"]
-    decoder.tied_table, decoder.lm_head, decoder.embeddings = recipe.tied, recipe.lm_head, recipe.embeddings
-    decoder.kv_cache = recipe.kv_cache
-    quantized_files = [part for name in ("vision", "decoder") for part in fmt.graph_files(graphs[name].file)]
-    copied = [name for name in manifest.files if name not in quantized_files]
+        return
+    _return_freed_memory()
+    entry.dtype = precision
+
+
+def _decoder_unchanged(recipe: OnnxRecipe) -> bool:
+    return (
+        recipe.decoder == Precision.FP32
+        and recipe.tied
+        and recipe.lm_head == Precision.FP32
+        and (recipe.kv_cache == Precision.FP32)
+    )
+
+
+def _finish_manifest(manifest: fmt.Manifest, out: Path, recipe: Recipe) -> None:
+    """The quantized export's manifest: what each graph became, the files (the rest copied), the recipe."""
+    source_dir = manifest.directory
+    assert source_dir is not None
+    decoder = manifest.graph(Graph.DECODER)
+    if isinstance(recipe, OnnxRecipe):
+        decoder.tied_table, decoder.lm_head, decoder.embeddings = recipe.tied, recipe.lm_head, recipe.embeddings
+        decoder.kv_cache = recipe.kv_cache
+    graphs = (Graph.VISION, Graph.DECODER)
+    graph_parts = [part for graph in graphs for part in fmt.graph_files(manifest.graph(graph).file)]
+    written = [part for part in graph_parts if (out / part).is_file()]
+    copied = [name for name in manifest.files if name not in graph_parts]  # tokenizer, mask decoder
     for name in copied:
         shutil.copyfile(source_dir / name, out / name)
-    manifest.quantization = {"recipe": recipe.to_dict(), "source_export": str(source_dir)}
     manifest.verification = None
-    manifest.files = checksum_files(out, [*quantized_files, *copied])
-    manifest.quantization["bytes"] = {name: manifest.graph_bytes(name) for name in ("vision", "decoder")}
+    manifest.files = checksum_files(out, [*written, *copied])
+    sizes = {str(graph): manifest.graph_bytes(graph) for graph in graphs}
+    manifest.quantization = Quantization(recipe, str(source_dir), sizes)
     manifest.write(out)

@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ..eval.data import Example
 from ..eval.run import evaluate
+from ..runtime.export_format import Graph, Precision
 from ..runtime.model import PaliGemma
+from ..runtime.recipes import DEFAULT_BLOCK_SIZE, OnnxRecipe
 from .compare import compare_exports
 from .quantize import quantize_export
-from .recipes import DEFAULT_BLOCK_SIZE, Recipe
 
-SWEEP = (
-    ("vision", {"vision": "fp16"}),
-    ("vision", {"vision": "int8"}),
-    ("decoder body", {"decoder": "int8"}),
-    ("decoder body", {"decoder": "int4"}),
-    ("lm head", {"lm_head": "int8"}),
-    ("lm head", {"lm_head": "int4"}),
-    ("embeddings", {"embeddings": "fp16"}),
-    ("embeddings", {"embeddings": "int8"}),
-    ("decoder (all)", {"decoder": "fp16", "lm_head": "fp16", "embeddings": "fp16"}),
-    ("kv cache", {"kv_cache": "fp16"}),
+FP16, INT8, INT4 = Precision.FP16, Precision.INT8, Precision.INT4
+# (the component, what it becomes, the graph it lives in)
+SWEEP: tuple[tuple[str, dict[str, Any], Graph], ...] = (
+    ("vision", {"vision": FP16}, Graph.VISION),
+    ("vision", {"vision": INT8}, Graph.VISION),
+    ("decoder body", {"decoder": INT8}, Graph.DECODER),
+    ("decoder body", {"decoder": INT4}, Graph.DECODER),
+    ("lm head", {"lm_head": INT8}, Graph.DECODER),
+    ("lm head", {"lm_head": INT4}, Graph.DECODER),
+    ("embeddings", {"embeddings": FP16}, Graph.DECODER),
+    ("embeddings", {"embeddings": INT8}, Graph.DECODER),
+    ("decoder (all)", {"decoder": FP16, "lm_head": FP16, "embeddings": FP16}, Graph.DECODER),
+    ("kv cache", {"kv_cache": FP16}, Graph.DECODER),
 )
 
 
@@ -48,19 +52,18 @@ def run_sweep(
                 "component": "reference",
                 "precision": reference.manifest.precision,
                 "graph": "vision + decoder",
-                "bytes": sum(reference.manifest.graph_bytes(graph) for graph in ("vision", "decoder")),
+                "bytes": sum(reference.manifest.graph_bytes(graph) for graph in (Graph.VISION, Graph.DECODER)),
                 "size_ratio": 1.0,
                 "tasks": evaluate(reference, eval_examples),
             }
         )
-    for component, precisions in SWEEP:
+    for component, precisions, graph in SWEEP:
         precision = next(iter(precisions.values()))
-        recipe = Recipe(f"{component}-{precision}", block_size=block_size, symmetric=symmetric, **precisions)
+        recipe = OnnxRecipe(f"{component}-{precision}", block_size=block_size, symmetric=symmetric, **precisions)
         out = work_dir / recipe.name.replace(" ", "_").replace("(", "").replace(")", "")
         manifest = quantize_export(reference_dir, out, recipe)
         candidate = PaliGemma.load(out, verify_checksums=False)
         report = compare_exports(reference, candidate, images, prompt_list)
-        graph = "vision" if component == "vision" else "decoder"
         before = reference.manifest.graph_bytes(graph)
         after = manifest.graph_bytes(graph)
         rows.append(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -58,13 +58,18 @@ class DecoderCache(Protocol):
         ...
 
 
+CacheT = TypeVar("CacheT", bound=DecoderCache)
+
+
 @runtime_checkable
-class Decoder(Protocol):
+class Decoder(Protocol[CacheT]):
+    """Runs chunks against caches of its own kind (``CacheT``)."""
+
     hidden_size: int
 
-    def new_cache(self, batch_size: int) -> DecoderCache: ...
+    def new_cache(self, batch_size: int) -> CacheT: ...
 
-    def forward(self, cache: DecoderCache, chunk: DecoderChunk) -> np.ndarray:
+    def forward(self, cache: CacheT, chunk: DecoderChunk) -> np.ndarray:
         """Append the chunk to the cache and return float32 logits [B, L, vocab] at ``chunk.logits_at``."""
         ...
 

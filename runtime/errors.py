@@ -30,6 +30,10 @@ class PromptError(PaliGemmaEdgeError, ValueError):
 class GenerationError(PaliGemmaEdgeError, ValueError):
     """Arguments of generation or output decoding are out of range (max_new_tokens < 1, a divisor of 0, …)."""
 
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option  # the generation option at fault, where one is (a server names it as the param)
+
 
 class CheckpointError(PaliGemmaEdgeError, ValueError):
     """A Hugging Face checkpoint cannot be found, downloaded or understood."""

@@ -12,14 +12,18 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from .checks import is_int, is_number
 from .errors import ChecksumMismatchError, CorruptExportError, ExportNotFoundError, OutputPathError
 from .output_dirs import new_file_mode
+
+if TYPE_CHECKING:
+    from .recipes import Quantization
 
 FORMAT_NAME = "paligemma-edge"
 # v2: the decoder reads a KV buffer and returns only the new tokens' keys/values.
@@ -36,10 +40,41 @@ QUERY_CHUNK = 512
 TOKENIZER_FILE = "tokenizer.json"
 MASK_DECODER_FILE = "mask_decoder.onnx"
 EXTERNAL_DATA_SUFFIX = ".data"
-KV_CACHE_PRECISIONS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}  # manifest name → onnxruntime type
 
-ONNX_BACKEND = "onnxruntime"
-LLAMACPP_BACKEND = "llamacpp"
+
+class NamedValue(str, Enum):
+    """A closed set whose members are the very strings manifests hold and command lines take."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Graph(NamedValue):
+    """The graphs an export directory can hold (`Manifest.graphs` keys)."""
+
+    VISION = "vision"
+    DECODER = "decoder"
+    MASK_DECODER = "mask_decoder"
+
+
+class DecoderBackend(NamedValue):
+    """What runs an export's decoder (`Manifest.decoder_backend`); the vision graph is always ONNX."""
+
+    ONNXRUNTIME = "onnxruntime"
+    LLAMACPP = "llamacpp"
+
+
+class Precision(NamedValue):
+    """What a graph's weights (or a KV cache) hold."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+# what an ONNX decoder's KV cache holds → onnxruntime's type of the cache inputs
+KV_CACHE_TYPES = {Precision.FP32: "tensor(float)", Precision.FP16: "tensor(float16)"}
 
 # vision graph: pixel_values [B, 3, R, R] float32 → image_features [B, N, hidden]
 PIXEL_VALUES = "pixel_values"
@@ -165,12 +200,12 @@ class Manifest:
     graphs: dict[str, GraphEntry]
     files: dict[str, FileEntry] = field(default_factory=dict)
     tokenizer: str = TOKENIZER_FILE
-    decoder_backend: str = ONNX_BACKEND
+    decoder_backend: DecoderBackend = DecoderBackend.ONNXRUNTIME
     random_weights: bool = False
     versions: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] | None = None
     source_verification: dict[str, Any] | None = None
-    quantization: dict[str, Any] | None = None
+    quantization: Quantization | None = None
     quality: dict[str, Any] = field(default_factory=dict)
     sliding_window_rule: str | None = None
     format: str = FORMAT_NAME
@@ -204,6 +239,8 @@ class Manifest:
         if version == 2 and "text" in data:  # v2 → v3: same graphs, renamed key
             data["language_model"] = data.pop("text")
         try:
+            from .recipes import Quantization  # recipes name their precisions with this module's enums
+
             tokens = dict(_require(data, "tokens", dict, where))
             tokens["eos"] = tuple(tokens.get("eos", ()))
             manifest = cls(
@@ -214,15 +251,19 @@ class Manifest:
                     "tokens": _build(TokenIds, tokens),
                     "graphs": {k: _build(GraphEntry, v) for k, v in _require(data, "graphs", dict, where).items()},
                     "files": {k: _build(FileEntry, v) for k, v in _require(data, "files", dict, where).items()},
+                    "decoder_backend": _backend(data.get("decoder_backend", DecoderBackend.ONNXRUNTIME)),
+                    "quantization": Quantization.from_dict(data["quantization"]) if data.get("quantization") else None,
                     "format_version": FORMAT_VERSION,
                 }
             )
-            _check_types(manifest, skip=("directory",))
+            _check_types(manifest, skip=("directory", "decoder_backend", "quantization"))
             lm = manifest.language_model
             if min(lm.num_layers, lm.num_heads, lm.num_kv_heads, lm.head_dim, lm.hidden_size, lm.vocab_size) < 1:
                 raise ValueError("language_model sizes must be positive")
             return manifest
-        except (TypeError, ValueError, AttributeError) as error:
+        except CorruptExportError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError) as error:
             raise CorruptExportError(f"{where} is malformed ({error}); re-run the export.") from error
 
     # ------------------------------------------------------------------ writing
@@ -233,11 +274,12 @@ class Manifest:
         data["tokens"]["eos"] = list(self.tokens.eos)
         data["graphs"] = {k: {n: v for n, v in asdict(g).items() if v is not None} for k, g in self.graphs.items()}
         data["files"] = {k: asdict(v) for k, v in self.files.items()}
+        data["quantization"] = self.quantization.to_dict() if self.quantization else None
         return {k: v for k, v in data.items() if v is not None}
 
     def write(self, directory: str | Path | None = None) -> Path:
         """Write manifest.json atomically (a temporary file renamed over the old one)."""
-        directory = Path(directory or self.directory)
+        directory = Path(directory) if directory is not None else self.home
         path = directory / MANIFEST_FILE
         tmp = None
         try:
@@ -254,12 +296,17 @@ class Manifest:
         return path
 
     # ------------------------------------------------------------------ use
-    def path(self, name: str) -> Path:
+    @property
+    def home(self) -> Path:
+        """The export directory this manifest was read from (or written to)."""
         if self.directory is None:
             raise CorruptExportError("this manifest was not read from a directory")
-        return self.directory / name
+        return self.directory
 
-    def graph(self, name: str) -> GraphEntry:
+    def path(self, name: str) -> Path:
+        return self.home / name
+
+    def graph(self, name: Graph) -> GraphEntry:
         if name not in self.graphs:
             raise CorruptExportError(f"the manifest lists no {name!r} graph; re-run the export.")
         return self.graphs[name]
@@ -271,9 +318,9 @@ class Manifest:
     @property
     def precision(self) -> str:
         """The recipe name of a quantized export, else the decoder's dtype."""
-        return self.quantization["recipe"]["name"] if self.quantization else self.graph("decoder").dtype
+        return self.quantization.recipe.name if self.quantization else self.graph(Graph.DECODER).dtype
 
-    def graph_bytes(self, name: str) -> int:
+    def graph_bytes(self, name: Graph) -> int:
         return sum(self.files[f].bytes for f in graph_files(self.graph(name).file) if f in self.files)
 
     def summary(self) -> str:
@@ -291,17 +338,7 @@ class Manifest:
             "files: " + ", ".join(f"{k} {v.bytes / 1e6:.1f} MB" for k, v in self.files.items()),
         ]
         if self.quantization:
-            recipe = self.quantization["recipe"]
-            if "block_size" not in recipe:  # a GGUF recipe: llama.cpp chose each tensor's type
-                lines.append(f"quantization: {recipe['name']} (vision {recipe['vision']}, decoder {recipe['decoder']})")
-            else:
-                lines.append(
-                    f"quantization: {recipe['name']} (vision {recipe['vision']}, decoder {recipe['decoder']}, "
-                    f"LM head {recipe['lm_head']}, embeddings {recipe['embeddings']}, block {recipe['block_size']}, "
-                    f"{'symmetric' if recipe['symmetric'] else 'asymmetric'}"
-                    + (f", prefill {recipe['prefill']}" if recipe.get("prefill", "same") != "same" else "")
-                    + ")"
-                )
+            lines.append(self.quantization.summary())
         for reference, quality in self.quality.items():
             lines.append(
                 f"quality vs {reference}: top-1 {quality['top1_agreement']:.4f}, KL {quality['mean_kl']:.2e}, "
@@ -337,7 +374,7 @@ class Manifest:
             return
         verified = {} if checksums == "full" else _read_verified()
         todo = [name for name, entry in self.files.items() if verified.get(_file_key(self.path(name))) != entry.sha256]
-        actual = checksum_files(self.directory, todo, desc="verifying export")
+        actual = checksum_files(self.home, todo, desc="verifying export")
         for name in todo:
             if actual[name].sha256 != self.files[name].sha256:
                 raise ChecksumMismatchError(
@@ -347,6 +384,16 @@ class Manifest:
                 )
         if todo:
             _record_verified({_file_key(self.path(name)): actual[name].sha256 for name in todo})
+
+
+def _backend(value: Any) -> DecoderBackend:
+    try:
+        return DecoderBackend(value)
+    except ValueError:
+        raise CorruptExportError(
+            f"this export's decoder runs on {value!r}, which this paligemma-edge does not support (it has: "
+            f"{', '.join(DecoderBackend)}). Upgrade paligemma-edge or re-export."
+        ) from None
 
 
 def _require(data: dict, key: str, kind: type, where: str) -> Any:
@@ -392,7 +439,17 @@ def _check_types(instance: Any, skip: tuple[str, ...] = ()) -> None:
             raise TypeError(f"{type(instance).__name__}.{f.name} must be {annotation}, got {value!r}")
 
 
-_NESTED = {"language_model", "vision", "tokens", "graphs", "files", "format_version", "directory"}
+_NESTED = {
+    "language_model",
+    "vision",
+    "tokens",
+    "graphs",
+    "files",
+    "decoder_backend",
+    "quantization",
+    "format_version",
+    "directory",
+}
 
 
 def _plain(data: dict, cls: type, where: str) -> dict:

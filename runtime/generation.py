@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -41,32 +42,38 @@ class GenerationConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise GenerationError(f"Unknown generation option(s) {unknown}; known: {sorted(known)}.")
+            raise GenerationError(f"Unknown generation option(s) {unknown}; known: {sorted(known)}.", unknown[0])
         given = {k: v for k, v in options.items() if v is not None}
         if "stop" in given:
             stop = given["stop"]
             if not isinstance(stop, (str, list, tuple)):
-                raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}.")
+                raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}.", "stop")
             given["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         return replace(base or cls(), **given)
 
     def validated(self, default_max_new_tokens: int) -> GenerationConfig:
         """This config with max_new_tokens filled in; a GenerationError names the first bad option."""
         config = self if self.max_new_tokens is not None else replace(self, max_new_tokens=default_max_new_tokens)
-        if not is_int(config.max_new_tokens) or config.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {config.max_new_tokens!r}.")
+        if not is_int(config.max_new_tokens) or int(config.max_new_tokens or 0) < 1:
+            raise GenerationError(
+                f"max_new_tokens must be an integer >= 1, got {config.max_new_tokens!r}.", "max_new_tokens"
+            )
         if not is_number(config.temperature) or config.temperature < 0:
-            raise GenerationError(f"temperature must be a number >= 0, got {config.temperature!r}.")
+            raise GenerationError(f"temperature must be a number >= 0, got {config.temperature!r}.", "temperature")
         if config.top_k is not None and (not is_int(config.top_k) or config.top_k < 1):
-            raise GenerationError(f"top_k must be an integer >= 1, got {config.top_k!r}.")
+            raise GenerationError(f"top_k must be an integer >= 1, got {config.top_k!r}.", "top_k")
         if config.top_p is not None and (not is_number(config.top_p) or not 0 < config.top_p <= 1):
-            raise GenerationError(f"top_p must be in (0, 1], got {config.top_p!r}.")
+            raise GenerationError(f"top_p must be in (0, 1], got {config.top_p!r}.", "top_p")
         if config.seed is not None and not is_int(config.seed):
-            raise GenerationError(f"seed must be an integer, got {config.seed!r}.")
+            raise GenerationError(f"seed must be an integer, got {config.seed!r}.", "seed")
         if not is_number(config.repetition_penalty) or config.repetition_penalty <= 0:
-            raise GenerationError(f"repetition_penalty must be a number > 0, got {config.repetition_penalty!r}.")
+            raise GenerationError(
+                f"repetition_penalty must be a number > 0, got {config.repetition_penalty!r}.", "repetition_penalty"
+            )
         if not all(isinstance(s, str) and s for s in config.stop):
-            raise GenerationError(f"stop must be non-empty strings, got {config.stop!r}.")
+            raise GenerationError(f"stop must be non-empty strings, got {config.stop!r}.", "stop")
+        if not isinstance(config.ignore_eos, bool):
+            raise GenerationError(f"ignore_eos must be true or false, got {config.ignore_eos!r}.", "ignore_eos")
         return config
 
     @property
@@ -122,6 +129,17 @@ class GenerationResult:
     prompt_tokens: int = 0
     timings: Timings = field(default_factory=Timings)
 
+    def to_dict(self) -> dict:
+        """JSON-ready: the text, tokens and their log-probabilities, why it ended, token counts and timings."""
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "token_logprobs": self.token_logprobs,
+            "finish_reason": self.finish_reason,
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)},
+            "timings": self.timings.to_dict(),
+        }
+
 
 class StopText:
     """Incremental text of a sequence: pieces safe to show now, and where a stop string ends it."""
@@ -171,7 +189,10 @@ class RunningSequence:
     ):
         self.prompt_ids = prompt_ids
         self.image_features = image_features  # [num_image_tokens, hidden], fills the <image> slots
+        if config.max_new_tokens is None:
+            raise GenerationError("a running sequence needs a validated config (GenerationConfig.validated).")
         self.config = config
+        self.max_new_tokens: int = config.max_new_tokens
         self.eos = frozenset(tokens.eos)
         self.image_token = tokens.image
         self.detokenize = detokenize
@@ -222,7 +243,7 @@ class RunningSequence:
             self.text.update(self.token_ids)
             if self.text.final is not None:
                 self.finish_reason = FINISH_STOP
-        if self.finish_reason is None and len(self.token_ids) >= config.max_new_tokens:
+        if self.finish_reason is None and len(self.token_ids) >= self.max_new_tokens:
             self.finish_reason = FINISH_LENGTH
         return TokenEvent(self, token, logprob, self.finish_reason)
 
@@ -275,7 +296,7 @@ def prefix_chunk(
 
 
 def teacher_forced_logits(
-    decoder: Decoder, prompt_ids: list[int], image_features: np.ndarray, tokens: TokenIds, continuation: list[int]
+    decoder: Decoder[Any], prompt_ids: list[int], image_features: np.ndarray, tokens: TokenIds, continuation: list[int]
 ) -> np.ndarray:
     """[len(continuation) + 1, vocab]: row t predicts the token after continuation[:t], in one call."""
     chunk = prefix_chunk([prompt_ids], [image_features], tokens, [continuation])
@@ -286,7 +307,7 @@ class DecodingBatch:
     """Sequences decoding together. New sequences are prefilled in their own call and join the running
     batch; finished ones leave; the others' caches are kept, never recomputed."""
 
-    def __init__(self, decoder: Decoder, tokens: TokenIds):
+    def __init__(self, decoder: Decoder[Any], tokens: TokenIds):
         self.decoder = decoder
         self.tokens = tokens
         self.sequences: list[RunningSequence] = []
@@ -330,6 +351,7 @@ class DecodingBatch:
             valid=ones,
             logits_at=np.zeros((batch, 1), dtype=np.int64),
         )
+        assert self.cache is not None  # the running sequences' cache
         logits = self.decoder.forward(self.cache, chunk)
         events = [sequence.choose(logits[row, 0]) for row, sequence in enumerate(self.sequences)]
         elapsed = time.perf_counter() - start
@@ -344,7 +366,7 @@ class DecodingBatch:
         if len(keep) == len(self.sequences):
             return
         self.sequences = [self.sequences[i] for i in keep]
-        self.cache = self.cache.select(keep) if keep else None
+        self.cache = self.cache.select(keep) if keep and self.cache is not None else None
 
 
 def run_to_completion(batch: DecodingBatch, sequences: Sequence[RunningSequence]):

@@ -10,17 +10,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from . import spec, tasks
 from .backend import Decoder, VisionEncoder
-from .backends import load_backend
-from .backends.onnx import checked_providers
+from .backends import backend_of
 from .backends.options import BackendOptions, LlamaCppOptions, OnnxOptions
 from .errors import CorruptExportError, GenerationError, ImageError, PromptError
-from .export_format import Manifest, load_manifest
+from .export_format import Graph, Manifest, load_manifest
 from .generation import (
     DecodingBatch,
     GenerationConfig,
@@ -55,7 +55,7 @@ class PaliGemma:
         manifest: Manifest,
         tokenizer: Tokenizer,
         vision: VisionEncoder,
-        decoder: Decoder,
+        decoder: Decoder[Any],
         mask_decoder: MaskDecoder | None = None,
     ):
         self.manifest = manifest
@@ -69,18 +69,17 @@ class PaliGemma:
     def load(
         cls,
         path: str | Path,
-        providers: list | None = None,
-        threads: int | None = None,
+        options: BackendOptions | OnnxOptions | LlamaCppOptions | None = None,
+        *,
         verify_checksums: bool | str = True,
-        memory_arena: bool | None = None,
-        device_cache: bool | None = None,
-        gpu_layers: int = 0,
-        max_sequences: int | None = None,
-        context_tokens: int | None = None,
-        cache_type: str | None = None,
-        flash_attention: bool | None = None,
+        **keywords: Any,
     ) -> PaliGemma:
         """Open an export directory made by `paligemma-edge export` (or `quantize`).
+
+        ``options``: the backends' settings (`BackendOptions`, or one backend's `OnnxOptions` / `LlamaCppOptions`).
+        For convenience their fields can be given as keywords instead: providers, threads, memory_arena,
+        device_cache (onnxruntime), gpu_layers, max_sequences, context_tokens, cache_type, flash_attention
+        (llama.cpp), threads for both.
 
         ``verify_checksums``: True checks each file's sha256 once per file version (remembered in the user's
         cache), "full" every time, False only sizes.
@@ -89,38 +88,30 @@ class PaliGemma:
         slower calls). None: on; at 896 px the vision and decoder sessions share one arena grown by exactly
         what a call asks for, the vision call and a prefill of 2,048 tokens or more hand its free memory back
         when they end (onnxruntime's arena shrinkage), and a GGUF export's vision graph runs without it
-        (benchmarks/RESULTS.md).
+        (docs/performance.md).
 
         ``device_cache``: the KV cache as onnxruntime values on the provider's device, written in place, so a
         CUDA decode step moves only its inputs and the last logits (None: on for CUDA, off on the CPU).
 
         GGUF exports (llama.cpp): ``gpu_layers`` layers go to a GPU build's device (-1: all);
-        ``max_sequences`` sequences (default 4; 1 at 896 px) can decode together, each with ``context_tokens``
-        KV cells; ``cache_type`` ("f32"/"f16") and ``flash_attention`` default to exact (f32, off) for
-        full-precision exports and to f16 + flash attention for quantized ones (see `LlamaCppOptions`).
+        ``max_sequences`` sequences (default 4; 1 at 896 px) decode together, larger batches in waves, each with
+        ``context_tokens`` KV cells; ``cache_type`` ("f32"/"f16") and ``flash_attention`` default to exact (f32,
+        off) for full-precision exports and to f16 + flash attention for quantized ones (see `LlamaCppOptions`).
         """
+        if options is not None and keywords:
+            raise GenerationError("give load options either as `options` or as keywords, not both.")
+        settings = BackendOptions.of(options) if options is not None else BackendOptions.from_keywords(**keywords)
         manifest = load_manifest(path)
-        checked_providers(providers)  # before minutes of checksums: a CUDA run that cannot be one says so now
+        backend = backend_of(manifest)
+        backend.check(settings)  # before minutes of checksums: a CUDA run that cannot be one says so now
         manifest.verify_files(checksums=verify_checksums)
-        options = BackendOptions(
-            onnx=OnnxOptions(
-                providers=providers, threads=threads, memory_arena=memory_arena, device_cache=device_cache
-            ),
-            llamacpp=LlamaCppOptions(
-                gpu_layers=gpu_layers,
-                threads=threads,
-                max_sequences=max_sequences,
-                context_tokens=context_tokens,
-                cache_type=cache_type,
-                flash_attention=flash_attention,
-            ),
-        )
-        vision, decoder = load_backend(manifest, options)
+        vision, decoder = backend.load(manifest, settings)
         try:
             tokenizer = Tokenizer.from_file(str(manifest.path(manifest.tokenizer)))
         except Exception as error:
             raise CorruptExportError(f"Cannot read the tokenizer of {path}: {error}. Re-run the export.") from error
-        mask_graph = manifest.graphs.get("mask_decoder")
+        mask_graph = manifest.graphs.get(Graph.MASK_DECODER)
+        providers = settings.onnx.providers
         mask_decoder = MaskDecoder.from_onnx(manifest.path(mask_graph.file), providers) if mask_graph else None
         return cls(manifest, tokenizer, vision, decoder, mask_decoder)
 
@@ -136,11 +127,11 @@ class PaliGemma:
     def encode_images(self, images: Sequence[ImageInput | ImageFeatures]) -> list[ImageFeatures]:
         """Encode several images in one vision call (each row independent of its batch-mates)."""
         first_of = {id(img): i for i, img in reversed(list(enumerate(images)))}  # one encode per object
-        todo = [i for i, img in enumerate(images) if first_of[id(img)] == i and not isinstance(img, ImageFeatures)]
+        todo = {i: img for i, img in enumerate(images) if first_of[id(img)] == i and not isinstance(img, ImageFeatures)}
         encoded: dict[int, ImageFeatures] = {}
         if todo:
             start = time.perf_counter()
-            loaded = [load_image(images[i]) for i in todo]
+            loaded = [load_image(image) for image in todo.values()]
             pixels = np.stack([preprocess(image, self.manifest.image_size) for image in loaded])
             encoded_at = time.perf_counter()
             features = self.vision.encode(pixels)
@@ -209,19 +200,54 @@ class PaliGemma:
         prompt_ids = [self.prompt_ids(p) for p in prompts]  # prompt errors before any image work
         configs = [config.validated(tasks.default_max_new_tokens(p)) for p in prompts]
         for ids, cfg in zip(prompt_ids, configs):
-            self._check_length(len(ids), cfg.max_new_tokens)
+            self._check_length(len(ids), int(cfg.max_new_tokens or 0))  # validated: an integer >= 1
         if not images:
             raise ImageError("No image given.")
         features = self.encode_images(images)
         sequences = []
-        for ids, image, encoded, cfg, prompt in zip(prompt_ids, images, features, configs, prompts):
-            # time spent encoding in this call; features encoded earlier cost this generation nothing
-            spent = Timings() if isinstance(image, ImageFeatures) else encoded.timings
-            timings = Timings(preprocess_s=spent.preprocess_s, vision_s=spent.vision_s)
+        for ids, encoded, cfg, prompt in zip(prompt_ids, features, configs, prompts):
+            # the encode that made these features, also when it ran before this call (ImageFeatures passed in)
+            timings = Timings(preprocess_s=encoded.timings.preprocess_s, vision_s=encoded.timings.vision_s)
             sequences.append(RunningSequence(ids, encoded.features, cfg, self.tokens, self.decode, prompt, timings))
         return sequences
 
     # ----------------------------------------------------------------- public generation API
+    @overload
+    def generate(
+        self,
+        image: ImageInput | ImageFeatures,
+        prompt: str,
+        max_new_tokens: int | None = None,
+        *,
+        config: GenerationConfig | None = None,
+        on_token: Callable[[TokenEvent], None] | None = None,
+        **options: Any,
+    ) -> GenerationResult: ...
+
+    @overload
+    def generate(
+        self,
+        image: list | tuple,
+        prompt: str | list[str] | tuple[str, ...],
+        max_new_tokens: int | None = None,
+        *,
+        config: GenerationConfig | None = None,
+        on_token: Callable[[TokenEvent], None] | None = None,
+        **options: Any,
+    ) -> list[GenerationResult]: ...
+
+    @overload
+    def generate(
+        self,
+        image: ImageInput | ImageFeatures,
+        prompt: list[str] | tuple[str, ...],
+        max_new_tokens: int | None = None,
+        *,
+        config: GenerationConfig | None = None,
+        on_token: Callable[[TokenEvent], None] | None = None,
+        **options: Any,
+    ) -> list[GenerationResult]: ...
+
     def generate(
         self,
         image: ImageInput | ImageFeatures | Sequence[ImageInput | ImageFeatures],
@@ -395,7 +421,7 @@ class PaliGemma:
         with_codes = [obj for obj in parsed.objects if obj.seg_codes is not None]
         if with_codes and self.mask_decoder is None:
             parsed.notes.append(NO_MASK_DECODER_NOTE)
-        elif with_codes:
+        elif with_codes and self.mask_decoder is not None:
             logits = self.mask_decoder.decode(np.array([obj.seg_codes for obj in with_codes]))
             for obj, mask_logits in zip(with_codes, logits):
                 obj.mask = paste_mask(mask_logits, obj.box, features.width, features.height, soft_masks)

@@ -37,6 +37,13 @@ class DetectedObject:
     score: float | None = None
     mask: Any = None  # H×W bool (or float for soft masks) once a mask decoder ran
 
+    def describe(self) -> str:
+        """One line for people: the label, the pixel box, the score and the mask's area."""
+        x0, y0, x1, y1 = self.box
+        score = "" if self.score is None else f" score={self.score:.3f}"
+        mask = "" if self.mask is None else f" mask={int(np.count_nonzero(self.mask))}px"
+        return f"{self.label or '(no label)'}: x0={x0:.1f} y0={y0:.1f} x1={x1:.1f} y1={y1:.1f}{score}{mask}"
+
     def to_dict(self, mask_format: str = "rle") -> dict[str, Any]:
         """JSON-ready dict: pixel box, COCO ``bbox_xywh``, normalised box, score, codes, and the mask
         as COCO uncompressed RLE (``mask_format="rle"``) or a base64 PNG (``"png"``)."""

@@ -10,7 +10,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from . import spec
-from .backends.onnx import checked_providers
+from .backends.onnx_session import checked_providers
 from .errors import MaskDecoderError
 from .export_format import SEG_CODES
 

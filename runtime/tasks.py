@@ -72,6 +72,7 @@ class Task:
     prefix: str
     description: str
     build: Callable[..., str]  # arguments → the prompt
+    example: str  # a prompt of this task on the bundled demo image (a house, a car, the sun): `compare`'s defaults
     max_new_tokens: int = spec.DEFAULT_MAX_NEW_TOKENS
     localizes: bool = False  # output is <loc> boxes (and <seg> codes), parsed into objects
 
@@ -79,16 +80,27 @@ class Task:
 TASKS: dict[str, Task] = {
     task.prefix: task
     for task in (
-        Task("cap", "short raw caption: cap {lang}", _with_language("cap")),
-        Task("caption", "COCO-like caption: caption {lang}", _with_language("caption")),
-        Task("describe", "long description: describe {lang}", _with_language("describe")),
-        Task("ocr", "read the text in the image", lambda: "ocr"),
-        Task("answer", "answer a question: answer {lang} {question}", _with_language("answer")),
-        Task("question", "ask a question about an answer: question {lang} {answer}", _with_language("question")),
+        Task("cap", "short raw caption: cap {lang}", _with_language("cap"), "cap en"),
+        Task("caption", "COCO-like caption: caption {lang}", _with_language("caption"), "caption en"),
+        Task("describe", "long description: describe {lang}", _with_language("describe"), "describe en"),
+        Task("ocr", "read the text in the image", lambda: "ocr", "ocr"),
+        Task(
+            "answer",
+            "answer a question: answer {lang} {question}",
+            _with_language("answer"),
+            "answer en what is in the image?",
+        ),
+        Task(
+            "question",
+            "ask a question about an answer: question {lang} {answer}",
+            _with_language("question"),
+            "question en a red house",
+        ),
         Task(
             "detect",
             "boxes: detect {label} ; {label}",
             _with_labels("detect"),
+            "detect house ; car",
             spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
             localizes=True,
         ),
@@ -96,6 +108,7 @@ TASKS: dict[str, Task] = {
             "segment",
             "boxes and masks: segment {label} ; {label}",
             _with_labels("segment"),
+            "segment car",
             spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION,
             localizes=True,
         ),
@@ -108,6 +121,11 @@ def task_of(prompt: str) -> Task | None:
     """The task a prompt starts with, or None for free text (mix and fine-tuned checkpoints accept it)."""
     head = clean_prompt(prompt).split(maxsplit=1)[0]
     return TASKS.get(head)
+
+
+def example_prompts() -> list[str]:
+    """One prompt per task (`Task.example`), in the table's order."""
+    return [task.example for task in TASKS.values()]
 
 
 def default_max_new_tokens(prompt: str) -> int:

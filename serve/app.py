@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from ..runtime import tasks
 from ..runtime.errors import PaliGemmaEdgeError, PromptError
-from ..runtime.generation import FINISH_LENGTH, GenerationResult, StopText
+from ..runtime.generation import FINISH_LENGTH, GenerationResult, StopText, TokenEvent
 from ..runtime.model import PaliGemma
 from .engine import FINISH_TIMEOUT, Engine, Job, QueueFullError
 from .inputs import ApiError, ImagePolicy, chat_inputs, generation_options, read_json
@@ -45,6 +45,7 @@ class ServerSettings:
     max_body_bytes: int = 20 * 1024 * 1024
     request_timeout: float = 600.0
     prefills_per_step: int = 1
+    image_cache_bytes: int = 256 * 1024 * 1024  # features of recently seen images (one image, many prompts)
 
 
 class Server:
@@ -133,15 +134,15 @@ class Server:
 
         watcher = asyncio.create_task(watch())
         try:
-            async for kind, payload in job.stream():
-                if kind == "error":
+            async for _kind, payload in job.stream():
+                if isinstance(payload, Exception):
                     raise ApiError(
                         504 if isinstance(payload, TimeoutError) else 500,
                         str(payload),
                         "timeout" if isinstance(payload, TimeoutError) else "internal_error",
                         kind="server_error",
                     )
-                if kind == "done":
+                if isinstance(payload, GenerationResult):
                     if payload.finish_reason == FINISH_TIMEOUT:
                         raise ApiError(
                             504, "the request took longer than the server's timeout", "timeout", kind="server_error"
@@ -204,12 +205,12 @@ class Server:
         text = StopText(job.sequence.detokenize, job.sequence.config.stop)
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for kind, payload in job.stream():
-                if kind == "token":
+            async for _kind, payload in job.stream():
+                if isinstance(payload, TokenEvent):
                     piece = text.update(job.sequence.token_ids)
                     if piece:
                         yield chunk({"content": piece})
-                elif kind == "done":
+                elif isinstance(payload, GenerationResult):
                     rest = text.flush(payload.token_ids)
                     if rest:
                         yield chunk({"content": rest})

@@ -109,7 +109,7 @@ class Engine:
                     self.wake.wait()
                 if self.stopping:
                     break
-                admitted = []
+                admitted: list[Job] = []
                 while (
                     self.pending
                     and len(self.active) + len(admitted) < self.max_batch

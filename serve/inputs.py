@@ -11,7 +11,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..runtime.checks import is_number
+from ..runtime.errors import GenerationError
+from ..runtime.generation import GenerationConfig
 
 
 class ApiError(Exception):
@@ -120,40 +121,30 @@ def chat_inputs(body: dict, images: ImagePolicy) -> tuple[bytes, str]:
     return images.read(url, "messages"), " ".join(p["text"] for p in text_parts)
 
 
-def _number(body: dict, name: str, kind: type, low: float | None = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    valid = is_number(value) and (kind is not int or float(value).is_integer())
-    if not valid or (low is not None and value < low):
-        raise ApiError(
-            400,
-            f"{name} must be {'an integer' if kind is int else 'a number'}"
-            f"{'' if low is None else f' >= {low}'}, got {value!r}",
-            "invalid_value",
-            name,
-        )
-    return kind(value)
+# GenerationConfig's option → the request field a client sets it with (OpenAI's names where OpenAI has one)
+REQUEST_FIELDS = {"max_new_tokens": "max_tokens"}
 
 
 def generation_options(body: dict) -> dict:
-    """OpenAI's sampling fields (+ top_k, repetition_penalty, ignore_eos) → GenerationConfig options.
-    temperature defaults to 0 (greedy), PaliGemma's decoding, not OpenAI's 1."""
+    """OpenAI's sampling fields (+ top_k, repetition_penalty, ignore_eos) → GenerationConfig options, validated by
+    GenerationConfig itself (the one place generation options are checked) before any image work. temperature
+    defaults to 0 (greedy), PaliGemma's decoding, not OpenAI's 1."""
     if body.get("n", 1) != 1:
         raise ApiError(400, "n must be 1", "invalid_value", "n")
-    stop = body.get("stop")
-    if stop is not None and not (
-        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
-    ):
-        raise ApiError(400, "stop must be a string or a list of strings", "invalid_value", "stop")
-    max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
-    return {
-        "max_new_tokens": max_tokens,
-        "temperature": _number(body, "temperature", float, 0),
-        "top_p": _number(body, "top_p", float),
-        "top_k": _number(body, "top_k", int, 1),
-        "seed": _number(body, "seed", int),
-        "repetition_penalty": _number(body, "repetition_penalty", float),
-        "stop": stop,
-        "ignore_eos": bool(body.get("ignore_eos", False)),
+    given = body.get("max_completion_tokens")
+    options = {
+        "max_new_tokens": given if given is not None else body.get("max_tokens"),
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+        "top_k": body.get("top_k"),
+        "seed": body.get("seed"),
+        "repetition_penalty": body.get("repetition_penalty"),
+        "stop": body.get("stop"),
+        "ignore_eos": body.get("ignore_eos"),
     }
+    try:
+        GenerationConfig.from_options(**options).validated(default_max_new_tokens=1)
+    except GenerationError as error:
+        param = REQUEST_FIELDS.get(error.option or "", error.option)
+        raise ApiError(400, str(error), "invalid_value", param) from error
+    return options

@@ -14,7 +14,7 @@ import torch
 from paligemma_edge.export.attention import CUSTOM_TRANSLATIONS, attend, expand_chunked_attention
 from paligemma_edge.runtime.export_format import load_manifest
 
-from .conftest import QUERY_CHUNKS, run_cli
+from .helpers import QUERY_CHUNKS, run_cli
 
 NAMES = ["query", "key", "value", "past_key", "past_value", "mask"]
 
@@ -111,23 +111,26 @@ def test_long_context_memory_defaults(exports, image_tokens, shrink):
     session keeps its own; without an arena there is nothing to hand back or share."""
     from dataclasses import replace
 
-    from paligemma_edge.runtime.backends import LOADERS, BackendOptions, OnnxOptions
+    from paligemma_edge.runtime.backends import BACKENDS, BackendOptions, OnnxOptions
+    from paligemma_edge.runtime.export_format import DecoderBackend
 
     manifest = replace(load_manifest(exports["pg1"].export_dir), num_image_tokens=image_tokens)
-    vision, decoder = LOADERS["onnxruntime"](manifest, BackendOptions())
+    vision, decoder = BACKENDS[DecoderBackend.ONNXRUNTIME].load(manifest, BackendOptions())
     for session in (vision.session, decoder.session):
         session_options = session.get_session_options()
         assert session_options.enable_cpu_mem_arena
         assert uses_shared_arena(session_options) == shrink
     assert (vision.run_options is not None) == shrink
     assert decoder._run_options(2047) is None and decoder._run_options(4110) is not None
-    vision, decoder = LOADERS["onnxruntime"](manifest, BackendOptions(onnx=OnnxOptions(memory_arena=False)))
+    options = BackendOptions(onnx=OnnxOptions(memory_arena=False))
+    vision, decoder = BACKENDS[DecoderBackend.ONNXRUNTIME].load(manifest, options)
     session_options = vision.session.get_session_options()
     assert not session_options.enable_cpu_mem_arena and vision.run_options is None
     assert not uses_shared_arena(session_options)
     assert decoder._run_options(4110) is None
 
 
+@pytest.mark.slow
 def test_cli_query_chunk_is_recorded_and_validated(exports, tmp_path):
     done = run_cli("export", str(exports["pg1"].checkpoint), str(tmp_path / "out"), "--query-chunk", "64", "--json")
     assert done.returncode == 0, done.stderr

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from paligemma_edge import PaliGemma
 from paligemma_edge.runtime.export_format import load_manifest
 
-from .conftest import PROMPTS, hf_generate, load_hf
+from .helpers import PROMPTS, hf_generate, interleaved, load_hf
 from .numpy_backend import NumpyDecoder, NumpyVision
 
 STEPS = 16
@@ -73,22 +73,6 @@ def test_numpy_backend_samples_like_onnx(pair, images):
     )
 
 
-def _interleaved(model: PaliGemma, jobs: list[tuple], join_at: list[int], leave_early: dict[int, int]):
-    """Sequences join one running batch at given steps; some are stopped early (a client went away)."""
-    batch = model.new_batch()
-    sequences = [model.new_sequence(image, prompt, max_new_tokens=steps) for image, prompt, steps in jobs]
-    step = 0
-    while step == 0 or len(batch):
-        batch.join([s for s, at in zip(sequences, join_at) if at == step])
-        for index, at in leave_early.items():
-            if at == step:
-                sequences[index].stop()
-        batch.step()
-        step += 1
-        assert step < 200
-    return sequences
-
-
 @pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-device-cache", "numpy"])
 def test_sequences_join_and_leave_a_running_batch(pair, images, backend):
     """Continuous batching: a sequence that joins mid-generation, or whose neighbours leave, decodes
@@ -107,7 +91,7 @@ def test_sequences_join_and_leave_a_running_batch(pair, images, backend):
         (images[1], "answer en what is on the table?", 20),
     ]
     join_at = [0, 3, 3, 9]
-    sequences = _interleaved(model, jobs, join_at, leave_early={0: 14})
+    sequences = interleaved(model, jobs, join_at, leave_early={0: 14})
     reference = numpy_runtime if backend == "numpy" else onnx_runtime
     for (image, prompt, steps), sequence in zip(jobs[1:], sequences[1:]):
         expected = reference.generate(image, prompt, steps)

@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from paligemma_edge.benchmarks.attention_kernels import SCORE_VARIANTS
-from paligemma_edge.export.full_size import BASE_VOCAB, HF_VOCAB, PRESETS, make_full_size_checkpoint
-from paligemma_edge.export.random_checkpoint import CheckpointShape
+from paligemma_edge.benchmarks.probes.attention_kernels import SCORE_VARIANTS
+from paligemma_edge.random_checkpoints.full_size import BASE_VOCAB, HF_VOCAB, PRESETS, make_full_size_checkpoint
+from paligemma_edge.random_checkpoints.tiny import CheckpointShape
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 STAGE_FIELDS = {
     "load_s",
@@ -30,6 +30,7 @@ STAGE_FIELDS = {
 }
 
 
+@pytest.mark.slow
 def test_bench_cli_smoke(exports, tmp_path):
     report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     out = run_cli(
@@ -84,6 +85,7 @@ def test_bench_cli_smoke(exports, tmp_path):
     assert "vs transformers fp32" in out.stdout
 
 
+@pytest.mark.slow
 def test_bench_measures_a_baseline_alone(exports, tmp_path):
     """No export directory: only the transformers runs, as when a baseline cell is filled in later."""
     report_path = tmp_path / "baseline.json"
@@ -143,20 +145,21 @@ def test_unknown_preset(tmp_path):
 
 def test_profile_ops_attributes_kernel_time(exports):
     """The profiler script (a smoke test: structure and consistency, no timing assertions)."""
-    from paligemma_edge.benchmarks.profile_ops import profile, table
+    from paligemma_edge.benchmarks.probes.harness import machine
+    from paligemma_edge.benchmarks.probes.profile_ops import profile, table
 
-    report = profile(exports["pg1"].export_dir, "caption en", new_tokens=4, threads=1)
+    report = {"machine": machine(1), **profile(exports["pg1"].export_dir, "caption en", new_tokens=4, threads=1)}
     for phase in ("prefill", "decode_step"):
         rows = report[phase]
         assert rows and sum(r["share"] for r in rows) == pytest.approx(1.0)
         assert {"MatMul", "Gather"} & {r["op"] for r in rows}
-    assert "prefill:" in table(report) and isinstance(report["cpu_flags"], list)
+    assert "prefill:" in table(report) and isinstance(report["machine"]["cpu_flags"], list)
 
 
 def test_profile_ops_counts_a_control_flow_node_without_its_subgraph():
     """Known answer: onnxruntime's If event spans the kernels of the branch it ran; those count once, under their
     own op types, and the If keeps only its own time."""
-    from paligemma_edge.benchmarks.profile_ops import _runs
+    from paligemma_edge.benchmarks.probes.profile_ops import _runs
 
     def node(op: str, ts: int, dur: int) -> dict:
         return {"cat": "Node", "name": f"{op}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
@@ -177,6 +180,7 @@ def test_profile_ops_counts_a_control_flow_node_without_its_subgraph():
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module,args,kernels",
     [
@@ -206,16 +210,16 @@ def test_profile_ops_counts_a_control_flow_node_without_its_subgraph():
     ],
 )
 def test_kernel_benchmarks_run_and_report_their_machine(module, args, kernels):
-    """The scripts behind RESULTS.md's kernel tables (issue 12), at toy sizes: every variant runs on this
+    """The probes behind docs/performance.md's kernel findings, at toy sizes: every variant runs on this
     onnxruntime and the JSON names the CPU."""
     out = subprocess.run(
-        [sys.executable, "-m", f"paligemma_edge.benchmarks.{module}", *args, "--threads", "1", "--json"],
+        [sys.executable, "-m", f"paligemma_edge.benchmarks.probes.{module}", *args, "--threads", "1", "--json"],
         capture_output=True,
         text=True,
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert report["machine"]["cpu"] and isinstance(report["machine"]["flags"], list)
+    assert report["machine"]["cpu"] and isinstance(report["machine"]["cpu_flags"], list)
     if module == "matmul_kernels":
         measured = {row["kernel"] for row in report["results"]}
         assert all(row["ms"] > 0 and row["gflops"] > 0 for row in report["results"])
@@ -230,8 +234,9 @@ def test_kernel_benchmarks_run_and_report_their_machine(module, args, kernels):
     assert kernels <= measured
 
 
+@pytest.mark.slow
 def test_prefill_ab_pairs_two_exports_and_sees_equal_first_tokens(exports, tmp_path):
-    """prefill_ab (RESULTS.md's small-difference figures) on the pg1 export against itself (with a prompt padded to a
+    """prefill_ab (docs/performance.md's paired figures) on the pg1 export against itself (with a prompt padded to a
     given context) and against an fp16 export of the same checkpoint: both timed every run (prefill and decode
     steps), the ratios per run, and the first token compared exactly."""
     fp16 = tmp_path / "fp16"
@@ -240,7 +245,7 @@ def test_prefill_ab_pairs_two_exports_and_sees_equal_first_tokens(exports, tmp_p
 
     def ab(before, after, *extra) -> dict:
         out = subprocess.run(
-            [sys.executable, "-m", "paligemma_edge.benchmarks.prefill_ab", str(before), str(after)]
+            [sys.executable, "-m", "paligemma_edge.benchmarks.probes.prefill_ab", str(before), str(after)]
             + ["--runs", "3", "--steps", "2", "--threads", "1", "--json", *extra],
             capture_output=True,
             text=True,
@@ -258,9 +263,10 @@ def test_prefill_ab_pairs_two_exports_and_sees_equal_first_tokens(exports, tmp_p
     assert not ab(exports["pg1"].export_dir, fp16)["same_first_token_and_logprob"]  # fp16 rounds the logprob
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,recipe", [("pg1", None), ("pg2", "int4-fast-prefill")])
 def test_decode_floor_times_every_weight_product_of_a_step(exports, tmp_path, variant, recipe):
-    """decode_floor (RESULTS.md's "what a decode step spends outside its weight products"): on an fp32 export the
+    """decode_floor (docs/performance.md, "Kernels"): on an fp32 export the
     products are the MatMuls by constant weights; on `int4-fast-prefill` the MatMulNBits of the decode branches,
     never the prompt path's int8 copy. Seven per layer and the LM head, either way."""
     export = exports[variant].export_dir
@@ -269,7 +275,7 @@ def test_decode_floor_times_every_weight_product_of_a_step(exports, tmp_path, va
         assert quantized.returncode == 0, quantized.stderr
         export = tmp_path / recipe
     files = sorted(export.iterdir())
-    command = [sys.executable, "-m", "paligemma_edge.benchmarks.decode_floor", str(export)]
+    command = [sys.executable, "-m", "paligemma_edge.benchmarks.probes.decode_floor", str(export)]
     out = subprocess.run(
         command + ["--runs", "2", "--steps", "2", "--threads", "1", "--json"], capture_output=True, text=True
     )
@@ -280,7 +286,7 @@ def test_decode_floor_times_every_weight_product_of_a_step(exports, tmp_path, va
     assert 0 < report["product_weight_bytes"] <= sum(p.stat().st_size for p in export.glob("decoder.onnx*"))
     assert len(report["step_ms_runs"]) == len(report["products_ms_runs"]) == 2
     assert report["step_ms"] > 0 and report["products_ms"] > 0 and report["machine"]["cpu"]
-    assert report["products_of_bandwidth"] == pytest.approx(report["products_gbs"] / report["machine"]["bandwidth_gbs"])
+    assert report["products_of_bandwidth"] == pytest.approx(report["products_gbs"] / report["bandwidth_gbs"])
     assert sorted(export.iterdir()) == files  # the products graph is loaded from memory, never written
     missing = subprocess.run(command[:-1] + [str(tmp_path / "nothing")], capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from paligemma_edge import PaliGemma
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 
 def test_run_json_matches_api(exports, images, tmp_path):
@@ -60,6 +62,7 @@ def test_errors_exit_2_with_message(tmp_path):
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_exit_2(exports, images, tmp_path):
     """Every command answers a user error with exit code 2 and one line, never a traceback."""
     pg1, pg2 = exports["pg1"].export_dir, exports["pg2"].export_dir

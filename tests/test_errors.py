@@ -20,7 +20,7 @@ from paligemma_edge import (
 )
 from paligemma_edge.runtime.errors import CheckpointError
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 
 @pytest.fixture()

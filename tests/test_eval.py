@@ -10,10 +10,10 @@ import pytest
 from paligemma_edge import PaliGemma
 from paligemma_edge.eval import metrics
 from paligemma_edge.eval.data import read_examples
-from paligemma_edge.eval.shapes import SIDE_RANGE, SIZE, make_scene, write_shapes_set
 from paligemma_edge.runtime.images import demo_image_path
+from paligemma_edge.shapes.scenes import SIDE_RANGE, SIZE, make_scene, write_shapes_set
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 
 def test_text_metrics_known_answers():
@@ -77,7 +77,7 @@ def test_shapes_set_is_deterministic_and_well_formed(tmp_path):
 
 def test_shipped_heldout_set_is_what_the_generator_writes(tmp_path):
     """The held-out file in the package is `shapes-data --count 60 --seed 1000` of today's generator."""
-    from paligemma_edge.eval.shapes import HELDOUT_SCENES, HELDOUT_SEED, HELDOUT_SET
+    from paligemma_edge.shapes.scenes import HELDOUT_SCENES, HELDOUT_SEED, HELDOUT_SET
 
     fresh = write_shapes_set(tmp_path / "fresh", count=HELDOUT_SCENES, seed=HELDOUT_SEED)
     assert HELDOUT_SET.read_text() == fresh.read_text()

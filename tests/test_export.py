@@ -78,15 +78,16 @@ def test_fp16_export_runs_within_tolerance(exports, tmp_path, images):
     assert fp16_bytes < 0.6 * exports["pg1"].manifest["files"]["decoder.onnx.data"]["bytes"]
 
 
+@pytest.mark.slow
 def test_demo_job(tmp_path, capsys):
     """`make demo`: the shipped PaliGemma 2 exported (verified), int4, every task on a held-out scene of a yellow
     triangle, a green circle and a blue square, a drawing, and the held-out eval of both exports."""
     from PIL import Image
 
-    from paligemma_edge.demo import DEMO_DETECT, DEMO_SCENE, run_demo
     from paligemma_edge.eval.data import read_examples
-    from paligemma_edge.eval.shapes import HELDOUT_SET
-    from paligemma_edge.runtime.outputs import box_iou
+    from paligemma_edge.runtime.outputs import box_iou, rle_to_mask
+    from paligemma_edge.shapes.demo import DEMO_DETECT, DEMO_SCENE, run_demo
+    from paligemma_edge.shapes.scenes import HELDOUT_SET
 
     report = run_demo(tmp_path, as_json=True)
     assert report["verification"]["passed"]
@@ -105,7 +106,7 @@ def test_demo_job(tmp_path, capsys):
     assert all(box_iou(found[label], box) > 0.8 for label, box in truth.boxes)
     (circle,) = report["segment"]["objects"]
     assert circle["label"] == "green circle" and len(circle["seg_codes"]) == spec.SEG_CODES_PER_OBJECT
-    assert report["segment"]["mask_pixels"][0] > 0
+    assert rle_to_mask(circle["mask"]).sum() > 0
     drawing = Image.open(report["drawing"])
     colours = np.unique(np.asarray(drawing).reshape(-1, 3), axis=0)
     assert drawing.size == (224, 224) and len(colours) > 10  # the scene with boxes and masks on it
@@ -114,6 +115,7 @@ def test_demo_job(tmp_path, capsys):
     assert set(printed["timings_s"]) >= {"export_and_verify_s", "quantize_int4_s", "eval_fp32_s", "eval_int4_s"}
 
 
+@pytest.mark.slow
 def test_the_demo_runs_the_shipped_paligemma_1_too(tmp_path, capsys):
     """`demo --version 1`: the shipped PaliGemma 1 (a Gemma decoder), verified, with the scene's answers right."""
     from paligemma_edge.cli import main
@@ -126,8 +128,8 @@ def test_the_demo_runs_the_shipped_paligemma_1_too(tmp_path, capsys):
 
 
 def test_the_demo_reuses_only_its_own_directory(tmp_path):
-    from paligemma_edge.demo import DEMO_MARKER, claim_work_dir
     from paligemma_edge.runtime.errors import OutputPathError
+    from paligemma_edge.shapes.demo import DEMO_MARKER, claim_work_dir
 
     work = claim_work_dir(tmp_path / "new")  # created, and marked as the demo's
     (work / "demo.png").write_text("an earlier run's drawing")
@@ -138,6 +140,7 @@ def test_the_demo_reuses_only_its_own_directory(tmp_path):
     assert (work / "demo.png").read_text() == "an earlier run's drawing"
 
 
+@pytest.mark.slow
 def test_isolated_torch_stage_gives_the_same_export(exports, tmp_path):
     """Large checkpoints export in a child process (torch.export holds the weights); same result, typed errors."""
     from paligemma_edge.runtime.errors import CheckpointError

@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from .helpers import BASE_INSTALL_LACKS, EXPORT_ONLY, run_without
+
 ROOT = Path(__file__).resolve().parent.parent
-BLOCKER = Path(__file__).resolve().parent / "blocked_imports"
-EXPORT_ONLY = ["torch", "transformers", "onnxscript", "safetensors", "huggingface_hub"]
-BASE_INSTALL_LACKS = [*EXPORT_ONLY, "onnx", "onnx_ir", "psutil", "matplotlib", "supervision"]
-
-
-def run_without(blocked: list[str], *args) -> subprocess.CompletedProcess:
-    """`paligemma-edge ARGS…` in fresh processes (and their children) that cannot import ``blocked``."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(BLOCKER), os.environ.get("PYTHONPATH")])),
-        "PALIGEMMA_EDGE_BLOCK": ",".join(blocked),
-    }
-    command = [sys.executable, "-m", "paligemma_edge.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 def test_a_missing_extra_is_one_clear_line(tmp_path):
@@ -72,6 +57,7 @@ def test_quantize_without_torch(exports, tmp_path):
     assert "quantization: int8" in out.stdout
 
 
+@pytest.mark.slow
 def test_bench_without_torch(exports, tmp_path):
     report = tmp_path / "r.json"
     args = ["bench", exports["pg1"].export_dir, "--new-tokens", "2", "--repeat", "1", "--json", report]
@@ -97,4 +83,10 @@ def test_only_the_onnxruntime_backend_runs_graphs_with_onnxruntime():
     """The decoding loop and everything above it are backend-agnostic (the mask decoder is its own graph; the
     onnxruntime backend keeps its device-resident KV cache in a module of its own)."""
     users = {path for path, modules in _imports("runtime").items() if "onnxruntime" in modules}
-    assert users == {"runtime/backends/onnx.py", "runtime/backends/device_cache.py", "runtime/segmentation.py"}
+    assert users == {
+        "runtime/backends/onnx_session.py",
+        "runtime/backends/onnx_vision.py",
+        "runtime/backends/onnx_decoder.py",
+        "runtime/backends/device_cache.py",
+        "runtime/segmentation.py",
+    }

@@ -14,12 +14,13 @@ from paligemma_edge import PaliGemma
 from paligemma_edge.export.exporter import ExportSettings, export_model
 from paligemma_edge.quant.compare import compare_exports, default_images
 from paligemma_edge.quant.quantize import quantize_export
-from paligemma_edge.quant.recipes import get_recipe
 from paligemma_edge.runtime.backends.llamacpp import build_info
 from paligemma_edge.runtime.errors import BackendBuildError, GenerationError, QuantizationError
+from paligemma_edge.runtime.recipes import get_recipe
 
-from .conftest import PROMPTS, SCRIPT, VARIANTS, hf_generate, load_hf, run_cli
-from .test_backend_seam import _interleaved
+from .helpers import PROMPTS, SCRIPT, VARIANTS, hf_generate, interleaved, load_hf, run_cli
+
+pytestmark = pytest.mark.llamacpp
 
 STEPS = 24
 
@@ -131,7 +132,7 @@ def test_stream_and_sequences_joining_a_running_batch(gguf_exports, images):
         (images[2], "ocr", 6),
         (images[1], "answer en what is on the table?", 20),
     ]
-    sequences = _interleaved(runtime, jobs, [0, 3, 3, 9], leave_early={0: 14})
+    sequences = interleaved(runtime, jobs, [0, 3, 3, 9], leave_early={0: 14})
     for (image, prompt, steps), sequence in zip(jobs[1:], sequences[1:]):
         assert sequence.result().token_ids == runtime.generate(image, prompt, steps).token_ids, prompt
     assert sorted(runtime.decoder._free_seqs) == [0, 1, 2, 3], "every sequence went back to the pool"
@@ -148,9 +149,9 @@ def test_seeded_sampling_is_per_sequence(gguf_exports, images):
 @pytest.fixture(scope="module")
 def scripted_gguf(tmp_path_factory):
     """The scripted PaliGemma 2 (always answers SCRIPT) as a GGUF export with a mask decoder."""
-    from paligemma_edge.export.random_checkpoint import CheckpointShape, make_scripted_checkpoint
+    from paligemma_edge.random_checkpoints.tiny import CheckpointShape, make_scripted_checkpoint
 
-    from .conftest import write_vae_npz
+    from .helpers import write_vae_npz
 
     root = tmp_path_factory.mktemp("scripted-gguf")
     checkpoint = make_scripted_checkpoint(root / "hf", SCRIPT, CheckpointShape(version=2, kv_heads=2))
@@ -258,7 +259,7 @@ def test_vocabulary_and_build_are_what_llama_cpp_reports(gguf_exports):
 def test_export_cli_with_a_gguf_recipe_and_without_llama_cpp(exports, tmp_path, images):
     """`export --backend llamacpp --quant q4_0` end to end; a machine without llama-cpp-python is told which
     extra to install, and `info` still works there."""
-    from .test_layering import run_without
+    from .helpers import run_without
 
     out_dir = tmp_path / "q4"
     out = run_cli("export", exports["pg1"].checkpoint, out_dir, "--backend", "llamacpp", "--quant", "q4_0", "--json")
@@ -292,7 +293,7 @@ def test_server_on_a_gguf_export(gguf_exports, images):
     sequences each get their single-call text."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .test_serve import LiveServer, chat_body, data_uri
+    from .helpers import LiveServer, chat_body, data_uri
 
     reference = PaliGemma.load(gguf_exports["pg1"])
     jobs = [(images[i % 3], prompt) for i, prompt in enumerate(["caption en", "ocr", "detect car"] * 2)]

@@ -10,7 +10,7 @@ from paligemma_edge import PaliGemma
 from paligemma_edge.runtime.backends.kv_buffers import CAPACITY_BLOCK
 from paligemma_edge.runtime.images import load_image, preprocess
 
-from .conftest import PROMPTS, hf_generate, load_hf
+from .helpers import PROMPTS, hf_generate, load_hf
 
 STEPS = 24
 
@@ -145,7 +145,7 @@ def test_stops_on_any_eos_id(tmp_path, images):
     import json
 
     from paligemma_edge.export.exporter import export_model
-    from paligemma_edge.export.random_checkpoint import CheckpointShape, make_tiny_checkpoint
+    from paligemma_edge.random_checkpoints.tiny import CheckpointShape, make_tiny_checkpoint
 
     checkpoint = make_tiny_checkpoint(tmp_path / "hf", CheckpointShape(seed=11))
     model, processor = load_hf(checkpoint)

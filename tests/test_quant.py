@@ -14,17 +14,17 @@ from PIL import Image
 from paligemma_edge import PaliGemma
 from paligemma_edge.benchmarks.bench import decoder_weight_bytes
 from paligemma_edge.export.exporter import ExportSettings, export_model
-from paligemma_edge.export.random_checkpoint import CheckpointShape, _build, _save
 from paligemma_edge.quant.compare import compare_exports, default_images, logit_metrics
 from paligemma_edge.quant.prefill_weights import route_prompts
 from paligemma_edge.quant.quantize import load_lazily, quantize_export, read_tensor
-from paligemma_edge.quant.recipes import DEFAULT_BLOCK_SIZE, RECIPES, Recipe, get_recipe
+from paligemma_edge.random_checkpoints.tiny import CheckpointShape, _build, _save
 from paligemma_edge.runtime.backend import DecoderChunk
 from paligemma_edge.runtime.export_format import Manifest, load_manifest
 from paligemma_edge.runtime.generation import prefix_chunk
 from paligemma_edge.runtime.images import demo_image_path
+from paligemma_edge.runtime.recipes import DEFAULT_BLOCK_SIZE, RECIPES, OnnxRecipe, get_recipe
 
-from .conftest import PROMPTS, run_cli
+from .helpers import PROMPTS, run_cli
 
 
 def graph_ops(path) -> Counter[str]:
@@ -134,7 +134,7 @@ def test_block_size_asymmetric_and_overrides(exports, tmp_path, block):
 
 def test_int4_decoder_is_small_when_weights_dominate(tmp_path):
     tiny = CheckpointShape(text_hidden=256, head_dim=64, text_mlp=2048, text_layers=4, seed=7)
-    from paligemma_edge.export.random_checkpoint import make_tiny_checkpoint
+    from paligemma_edge.random_checkpoints.tiny import make_tiny_checkpoint
 
     fp32 = export_model(make_tiny_checkpoint(tmp_path / "hf", tiny), tmp_path / "fp32", ExportSettings(verify=False))
     int4 = quantize_export(tmp_path / "fp32", tmp_path / "int4", RECIPES["int4"])
@@ -219,7 +219,7 @@ def test_sweep_reports_each_component(exports, tmp_path):
 
     rows = run_sweep(exports["pg1"].export_dir, tmp_path, default_images()[:1], ["caption en"])
     assert [(r["component"], r["precision"]) for r in rows] == [
-        (component, next(iter(p.values()))) for component, p in SWEEP
+        (component, next(iter(p.values()))) for component, p, _graph in SWEEP
     ]
     by_key = {(r["component"], r["precision"]): r for r in rows}
     assert by_key[("vision", "int8")]["size_ratio"] < 1.0 and by_key[("decoder body", "int4")]["size_ratio"] < 1.0
@@ -227,6 +227,7 @@ def test_sweep_reports_each_component(exports, tmp_path):
     assert all(0.0 <= r["top1_agreement"] <= 1.0 for r in rows)
 
 
+@pytest.mark.slow
 def test_sweep_with_eval_data_scores_each_row(scripted_export, tmp_path):
     """`compare --sweep --data`: a reference row, then every component's row, each with eval's task metrics; the
     scripted model keeps its one answer at every precision, so every row scores what the reference scores."""
@@ -240,7 +241,7 @@ def test_sweep_with_eval_data_scores_each_row(scripted_export, tmp_path):
     out = run_cli("compare", scripted_export, "--sweep", "--data", data, "--json", "--work-dir", tmp_path)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert [r["component"] for r in report] == ["reference"] + [component for component, _ in SWEEP]
+    assert [r["component"] for r in report] == ["reference"] + [component for component, _, _ in SWEEP]
     assert all(r["tasks"]["caption"] == {"examples": 2, "exact_match": 0.5} for r in report)
     table = run_cli("compare", scripted_export, "--sweep", "--data", data, "--work-dir", tmp_path)
     assert table.returncode == 0 and "task quality (eval): caption = exact_match" in table.stdout
@@ -248,6 +249,7 @@ def test_sweep_with_eval_data_scores_each_row(scripted_export, tmp_path):
     assert alone.returncode == 2 and "apply to --sweep" in alone.stderr and "Traceback" not in alone.stderr
 
 
+@pytest.mark.slow
 def test_export_with_quant_flag(exports, tmp_path):
     out = run_cli(
         "export", str(exports["pg1"].checkpoint), str(tmp_path / "q"), "--quant", "int4", "--kv-cache", "fp16", "--json"
@@ -309,15 +311,15 @@ def test_fast_prefill_runs_prompts_on_int8_and_steps_on_the_int4_body(quantized,
 
 def test_recipe_validation():
     with pytest.raises(ValueError, match="embeddings"):
-        Recipe("x", embeddings="int4")
+        OnnxRecipe("x", embeddings="int4")
     with pytest.raises(ValueError, match="fp16 applies to the whole decoder"):
-        Recipe("x", decoder="fp16", lm_head="int8")
+        OnnxRecipe("x", decoder="fp16", lm_head="int8")
     with pytest.raises(ValueError, match="Unknown recipe"):
         get_recipe("int3")
     with pytest.raises(ValueError, match="int8 prefill copy"):
         get_recipe("int8").with_overrides(prefill="int8")
     with pytest.raises(ValueError, match="prefill must be"):
-        Recipe("x", decoder="int4", prefill="int4")
+        OnnxRecipe("x", decoder="int4", prefill="int4")
     with pytest.raises(ValueError, match="kv_cache precision must be one of"):
         get_recipe("int4").with_overrides(kv_cache="bf16")
     old_export = onnx.helper.make_model(
@@ -354,7 +356,7 @@ def test_fp16_kv_cache_is_the_fp32_graph_reading_a_rounded_cache(exports, tmp_pa
     """--kv-cache fp16: buffers and new keys/values in fp16 (half the memory), the attention reading them as they
     are; each call still attends to its own keys unrounded. pg2: GQA, softcaps, a window shorter than the prefix."""
     reference = PaliGemma.load(exports[name].export_dir)
-    manifest = quantize_export(exports[name].export_dir, tmp_path / "kv16", Recipe("kv16", kv_cache="fp16"))
+    manifest = quantize_export(exports[name].export_dir, tmp_path / "kv16", OnnxRecipe("kv16", kv_cache="fp16"))
     assert manifest.graph("decoder").kv_cache == "fp16" and manifest.graph("decoder").dtype == "fp32"
     graph = onnx.load(str(tmp_path / "kv16" / "decoder.onnx"), load_external_data=False).graph
     half = onnx.TensorProto.FLOAT16
@@ -386,7 +388,7 @@ def test_fp16_kv_cache_is_the_fp32_graph_reading_a_rounded_cache(exports, tmp_pa
 def test_a_cache_precision_the_manifest_does_not_record_is_refused(exports, tmp_path):
     from paligemma_edge.runtime.errors import CorruptExportError
 
-    quantize_export(exports["pg1"].export_dir, tmp_path / "kv16", Recipe("kv16", kv_cache="fp16"))
+    quantize_export(exports["pg1"].export_dir, tmp_path / "kv16", OnnxRecipe("kv16", kv_cache="fp16"))
     manifest_file = tmp_path / "kv16" / "manifest.json"
     edited = json.loads(manifest_file.read_text())
     edited["graphs"]["decoder"]["kv_cache"] = "fp32"  # a 16-bit-cache graph under a manifest that says fp32

@@ -29,7 +29,7 @@ from paligemma_edge import (
 )
 from paligemma_edge.runtime.errors import OutputPathError
 
-from .conftest import png_claiming, run_cli
+from .helpers import png_claiming, run_cli
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
@@ -203,7 +203,7 @@ def _one_prompt(directory: Path) -> Path:
 @pytest.mark.parametrize("recipe", ["int8", "int4"])
 def test_quantized_batched_equals_single(source, tmp_path, images, recipe):
     from paligemma_edge.quant.quantize import quantize_export
-    from paligemma_edge.quant.recipes import get_recipe
+    from paligemma_edge.runtime.recipes import get_recipe
 
     quantize_export(source, tmp_path / recipe, get_recipe(recipe))
     model = PaliGemma.load(tmp_path / recipe)
@@ -272,7 +272,7 @@ def test_image_faults(model, tmp_path):
 
 
 def test_special_tokens_in_prompts_match_the_hf_processor(exports, model, images):
-    from .conftest import load_hf
+    from .helpers import load_hf
 
     _, processor = load_hf(exports["pg1"].checkpoint)
     for prompt in ["caption <bos> en", "detect <loc0001><seg010> car", "ocr <eos>"]:
@@ -280,6 +280,7 @@ def test_special_tokens_in_prompts_match_the_hf_processor(exports, model, images
         assert model.prompt_ids(prompt) == list(expected)
 
 
+@pytest.mark.slow
 def test_cli_faults_fail_before_work(exports, source, image_file, tmp_path):
     ckpt, pg1 = exports["pg1"].checkpoint, exports["pg1"].export_dir
     a_file = tmp_path / "a-file"

@@ -12,14 +12,14 @@ from torch import nn
 
 from paligemma_edge import PaliGemma, parse_output
 from paligemma_edge.export.exporter import ExportSettings, attach_mask_decoder, export_model
-from paligemma_edge.export.random_checkpoint import CheckpointShape, make_scripted_checkpoint
 from paligemma_edge.export.seg_decoder import mask_decoder_from_npz
+from paligemma_edge.random_checkpoints.tiny import CheckpointShape, make_scripted_checkpoint
 from paligemma_edge.runtime.draw import draw_objects
 from paligemma_edge.runtime.errors import MaskDecoderError
 from paligemma_edge.runtime.outputs import DetectedObject, non_max_suppression, rle_to_mask
 from paligemma_edge.runtime.segmentation import paste_mask
 
-from .conftest import SCRIPT, run_cli, write_vae_npz
+from .helpers import SCRIPT, run_cli, write_vae_npz
 
 
 class TorchDecoder(nn.Module):

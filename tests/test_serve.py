@@ -4,12 +4,9 @@ endpoints and every bad input, 16 concurrent clients, and the page in Debian's h
 from __future__ import annotations
 
 import base64
-import io
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,93 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from openai import OpenAI
 from PIL import Image
 
 from paligemma_edge import PaliGemma
-from paligemma_edge.serve.app import ServerSettings, create_app
 
-from .conftest import png_claiming
-
-API_KEY = "test-key"
-
-
-class SlowDecoder:
-    """The real onnxruntime decoder behind the backend seam, with a pause per call: long generations on a tiny
-    model, so queueing can be tested without racing the clock."""
-
-    def __init__(self, inner, delay: float):
-        self.inner, self.delay, self.hidden_size = inner, delay, inner.hidden_size
-
-    def new_cache(self, batch_size: int):
-        return self.inner.new_cache(batch_size)
-
-    def forward(self, cache, chunk):
-        time.sleep(self.delay)
-        return self.inner.forward(cache, chunk)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn serving the app in a thread on a free loopback port; stops by itself at teardown."""
-
-    def __init__(self, export_dir: Path, step_delay: float = 0.0, **settings):
-        self.export_dir = export_dir
-        self.settings = ServerSettings(model_id="pg-test", **settings)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-        def load() -> PaliGemma:
-            model = PaliGemma.load(export_dir)
-            if step_delay:
-                model.decoder = SlowDecoder(model.decoder, step_delay)
-            return model
-
-        app = create_app(load, self.settings)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("the server did not become healthy")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def post(self, path: str, body, key: str | None = API_KEY, **kwargs) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        if isinstance(body, (bytes, str)):
-            return httpx.post(self.url + path, content=body, headers=headers, timeout=60, **kwargs)
-        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kwargs)
-
-    def client(self) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
-
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def chat_body(image_url: str, prompt: str, **extra) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": prompt}]
-    return {"model": "pg-test", "messages": [{"role": "user", "content": content}], **extra}
+from .helpers import API_KEY, LiveServer, chat_body, data_uri, free_port, png_claiming
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +204,7 @@ def test_detect_and_segment_json(scripted_export, images):
         assert "mask" in got["objects"][0] and got["objects"][0]["label"] == "car"
 
 
+@pytest.mark.browser
 def test_page_in_headless_chromium(scripted_export, images, tmp_path):
     """Upload the bundled image on the page, run detect, see the box drawn and the JSON shown."""
     from selenium import webdriver

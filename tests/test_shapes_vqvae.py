@@ -7,19 +7,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from paligemma_edge.eval.shapes import Shape  # noqa: E402
 from paligemma_edge.export.seg_decoder import mask_decoder_from_npz, required_keys  # noqa: E402
-from paligemma_edge.export.shapes_vqvae import (  # noqa: E402
+from paligemma_edge.runtime import spec  # noqa: E402
+from paligemma_edge.runtime.outputs import parse_output  # noqa: E402
+from paligemma_edge.runtime.segmentation import paste_mask  # noqa: E402
+from paligemma_edge.shapes.scenes import Shape  # noqa: E402
+from paligemma_edge.shapes.train import segment_target  # noqa: E402
+from paligemma_edge.shapes.vqvae import (  # noqa: E402
     MaskEncoder,
     VQVAESettings,
     random_crops,
     save_vqvae,
     train_vqvae,
 )
-from paligemma_edge.export.train_shapes import segment_target  # noqa: E402
-from paligemma_edge.runtime import spec  # noqa: E402
-from paligemma_edge.runtime.outputs import parse_output  # noqa: E402
-from paligemma_edge.runtime.segmentation import paste_mask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_segment_target_round_trips_through_parser_and_decoder(vae_file):
 
 
 def test_training_examples_include_segment_targets_with_an_encoder(vae_file):
-    from paligemma_edge.export.train_shapes import training_examples
+    from paligemma_edge.shapes.train import training_examples
 
     examples = training_examples(np.random.default_rng(0), 64, MaskEncoder(vae_file[0]))
     segments = [example.target for example in examples if example.prompt.startswith("segment ")]
@@ -77,7 +77,7 @@ def test_training_examples_include_segment_targets_with_an_encoder(vae_file):
 def test_encoder_refuses_a_vae_file_it_cannot_rebuild(tmp_path):
     from paligemma_edge.runtime.errors import MaskDecoderError
 
-    from .conftest import write_vae_npz
+    from .helpers import write_vae_npz
 
     write_vae_npz(tmp_path / "vae-oid.npz", 16, 8)  # a valid decoder, but not written by train-shapes
     with pytest.raises(MaskDecoderError, match="only VQ-VAEs written by train-shapes"):

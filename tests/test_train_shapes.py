@@ -8,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from paligemma_edge.export.train_shapes import (
+from paligemma_edge.runtime import spec
+from paligemma_edge.shapes.train import (
     PATCH_CLASSES,
     PATCH_OUTPUTS,
     TrainSettings,
@@ -34,7 +35,6 @@ from paligemma_edge.export.train_shapes import (
     train,
     training_examples,
 )
-from paligemma_edge.runtime import spec
 
 
 def test_loc_target_known_answer():
@@ -75,7 +75,7 @@ def test_object_orders_known_answers_and_top_down_targets():
 
 
 def test_query_patches_known_answers():
-    from paligemma_edge.eval.shapes import Shape
+    from paligemma_edge.shapes.scenes import Shape
 
     shapes = [Shape("circle", "red", (0, 0, 56, 56)), Shape("square", "blue", (112, 112, 224, 224))]
     classes, _ = patch_targets(shapes, 4)  # the circle covers patch 0, the square patches 10, 11, 14, 15
@@ -107,7 +107,7 @@ def test_grounding_loss_reads_the_image_tokens_of_examples_with_a_target():
 
 
 def test_object_spans_and_answer_pieces_known_answers():
-    from paligemma_edge.eval.shapes import Shape
+    from paligemma_edge.shapes.scenes import Shape
 
     circle, square = Shape("circle", "red", (0, 0, 56, 56)), Shape("square", "blue", (112, 112, 224, 224))
     caption = {"task": "caption", "prompt": "caption en", "answer": "a red circle and a blue square"}
@@ -147,9 +147,9 @@ def test_training_examples_say_where_their_target_describes_each_shape():
 
 
 def test_pointing_targets_mark_the_described_shapes_patches_before_each_of_its_tokens():
-    from paligemma_edge.eval.shapes import Shape
-    from paligemma_edge.export.random_checkpoint import build_tokenizer
-    from paligemma_edge.export.train_shapes import TrainingExample
+    from paligemma_edge.random_checkpoints.tiny import build_tokenizer
+    from paligemma_edge.shapes.scenes import Shape
+    from paligemma_edge.shapes.train import TrainingExample
 
     circle, square = Shape("circle", "red", (0, 0, 56, 56)), Shape("square", "blue", (112, 112, 224, 224))
     circle_patches, square_patches = shape_patches(circle, 4), shape_patches(square, 4)
@@ -214,7 +214,7 @@ def test_example_loss_known_answers():
 
 
 def test_patch_targets_known_answer():
-    from paligemma_edge.eval.shapes import Shape
+    from paligemma_edge.shapes.scenes import Shape
 
     shapes = [Shape("circle", "red", (0, 0, 56, 56)), Shape("square", "blue", (112, 112, 224, 224))]
     classes, boxes = patch_targets(shapes, 8)
@@ -229,7 +229,7 @@ def test_patch_targets_known_answer():
 
 def test_patch_loss_is_zero_only_for_the_right_classes_and_boxes():
     torch = pytest.importorskip("torch")
-    from paligemma_edge.eval.shapes import Shape
+    from paligemma_edge.shapes.scenes import Shape
 
     classes, boxes = (torch.from_numpy(a)[None] for a in patch_targets([Shape("square", "green", (0, 0, 112, 112))], 4))
     num_classes = 1 + len(PATCH_CLASSES)
@@ -278,9 +278,9 @@ def test_a_stage_is_done_by_time_or_by_steps_whichever_is_further():
 
 
 def test_settings_a_user_can_get_wrong_are_refused(tmp_path):
-    from paligemma_edge.export.train_shapes import TrainSettings
+    from paligemma_edge.shapes.train import TrainSettings
 
-    from .conftest import run_cli
+    from .helpers import run_cli
 
     wrongs = ({"image_size": 100}, {"minutes": 0}, {"final_lr_share": 1.5}, {"vision_share": 1.0}, {"text_kv_heads": 3})
     for wrong in wrongs:
@@ -300,6 +300,7 @@ def test_sincos_positions_separate_rows_and_columns():
     np.testing.assert_array_equal(by_cell[0, :, 24:], by_cell[3, :, 24:])  # second half: the column only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("version", "bf16"), [(1, False), (2, True)])
 def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, version, bf16):
     """Three real optimizer steps of a micro model (fp32 or bfloat16 autocast), saved in transformers' format with
@@ -321,8 +322,9 @@ def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, 
     assert manifest.verification["passed"] and manifest.verification["tokens_agree"]
 
 
+@pytest.mark.slow
 def test_the_command_line_trains_in_fp32_when_asked(tmp_path):
-    from .conftest import run_cli
+    from .helpers import run_cli
 
     recipe = ("--grounding-weight", "0.5", "--pointing-weight", "0.25", "--object-order", "top-down", "--kv-heads", "2")
     out = run_cli(
@@ -336,9 +338,10 @@ def test_the_command_line_trains_in_fp32_when_asked(tmp_path):
     assert chosen == {"grounding_weight": 0.5, "pointing_weight": 0.25, "object_order": "top-down", "text_kv_heads": 2}
 
 
+@pytest.mark.slow
 def test_the_vision_stage_trains_the_tower_alone(tmp_path):
     torch = pytest.importorskip("torch")
-    from paligemma_edge.export.train_shapes import build
+    from paligemma_edge.shapes.train import build
 
     settings = smoke_settings(2)
     model, processor = build(settings)
@@ -351,6 +354,7 @@ def test_the_vision_stage_trains_the_tower_alone(tmp_path):
     assert not any("position_embedding" in name for name in changed)  # the fixed 2-D table stays fixed
 
 
+@pytest.mark.slow
 def test_the_grounding_and_pointing_losses_train_with_the_decoder(tmp_path):
     """With ``grounding_weight`` the decoder's middle layer learns which patches a `detect` asks for, with
     ``pointing_weight`` one head where the described shape is (each recorded apart); top-down targets and the
@@ -374,11 +378,12 @@ def test_the_grounding_and_pointing_losses_train_with_the_decoder(tmp_path):
     assert config["text_config"]["num_key_value_heads"] == 2
 
 
+@pytest.mark.slow
 def test_a_frozen_tower_is_saved_as_it_was_built(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import PaliGemmaForConditionalGeneration
 
-    from paligemma_edge.export.train_shapes import build
+    from paligemma_edge.shapes.train import build
 
     settings = replace(smoke_settings(2), vision_share=0.0, freeze_vision=True, segment=False)
     checkpoint = train(settings, tmp_path / "trained", progress=False)
@@ -391,12 +396,13 @@ def test_a_frozen_tower_is_saved_as_it_was_built(tmp_path):
     assert not torch.equal(built.state_dict()[projector], after[projector])  # the rest did train
 
 
+@pytest.mark.slow
 def test_shipping_a_trained_checkpoint_halves_its_weights_and_says_so(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
-    from paligemma_edge.export.ship_shapes import ship
     from paligemma_edge.runtime.errors import CheckpointError, OutputPathError
+    from paligemma_edge.shapes.ship import ship
 
     trained = train(replace(smoke_settings(2), segment=False), tmp_path / "trained", progress=False)
     shipped = ship(trained, tmp_path / "shipped")

@@ -12,15 +12,17 @@ import pytest
 
 from paligemma_edge.eval.data import read_examples
 from paligemma_edge.eval.run import evaluate
-from paligemma_edge.eval.shapes import HELDOUT_SET, TRAINED_DIR, trained_model
 from paligemma_edge.export.exporter import ExportSettings, export_model
 from paligemma_edge.quant.quantize import quantize_export
-from paligemma_edge.quant.recipes import RECIPES
 from paligemma_edge.runtime import spec
 from paligemma_edge.runtime.errors import CheckpointError
 from paligemma_edge.runtime.model import PaliGemma
+from paligemma_edge.runtime.recipes import RECIPES
+from paligemma_edge.shapes.scenes import HELDOUT_SET, TRAINED_DIR, trained_model
 
-SHIPPED = (1, 2)  # PaliGemma 1: RESULTS.md, run 15; PaliGemma 2: run 13
+pytestmark = pytest.mark.slow
+
+SHIPPED = (1, 2)  # shapes/trained/shapes-pg1, -pg2 (docs/shapes.md)
 BAR = {"caption": ("exact_match", 0.90), "count": ("exact_match", 0.95), "detect": ("map50", 0.90)}
 BAR["segment"] = ("mask_iou", 0.75)
 INT4_LOSS = 0.03  # the expectation of int4: within 3 points of fp32 on every task metric
@@ -59,7 +61,7 @@ def test_the_shipped_weights_fit_and_say_how_they_were_trained():
 
 
 def test_a_missing_trained_model_says_how_to_train_one(monkeypatch, tmp_path):
-    monkeypatch.setattr("paligemma_edge.eval.shapes.TRAINED_DIR", tmp_path)
+    monkeypatch.setattr("paligemma_edge.shapes.scenes.TRAINED_DIR", tmp_path)
     with pytest.raises(CheckpointError, match="train-shapes OUT --version 1"):
         trained_model(1)
 

@@ -1,34 +1,60 @@
 """Backends that run an export's graphs, chosen by the manifest's ``decoder_backend``.
 
-To add one: implement `runtime.backend.VisionEncoder` and `Decoder` (see backends/onnx.py), give
-its loader the signature ``(manifest, BackendOptions) -> (vision, decoder)`` and register it in `LOADERS`.
-A backend's module is imported only when an export needs it (llama.cpp is an optional extra).
+To add one: implement `runtime.backend.VisionEncoder` and `Decoder` in a module of its own (backends/onnx_decoder.py
+and backends/llamacpp.py are the examples), give it an options dataclass in options.py (a field of
+`BackendOptions`), name it in `export_format.DecoderBackend`, and register a `Backend` in `BACKENDS` below. A
+backend's module is imported only when an export needs it (llama.cpp is an optional extra).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ..backend import Decoder, VisionEncoder
-from ..errors import CorruptExportError
-from ..export_format import LLAMACPP_BACKEND, ONNX_BACKEND, Manifest
+from ..export_format import DecoderBackend, Manifest
 from .options import LARGE_PREFIX, BackendOptions, LlamaCppOptions, OnnxOptions
 
-__all__ = ["LOADERS", "BackendOptions", "LlamaCppOptions", "OnnxOptions", "load_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "LlamaCppOptions", "OnnxOptions", "backend_of"]
 
 
-def _load_onnx(manifest: Manifest, options: BackendOptions) -> tuple[VisionEncoder, Decoder]:
-    from .onnx import load_onnx
+@dataclass(frozen=True)
+class Backend:
+    """``check`` refuses options this machine cannot honour (a provider onnxruntime lacks, a llama.cpp build that
+    would crash) before any long work; ``load`` opens an export's vision graph and decoder."""
 
-    return load_onnx(manifest, options.onnx)
+    check: Callable[[BackendOptions], None]
+    load: Callable[[Manifest, BackendOptions], tuple[VisionEncoder, Decoder[Any]]]
 
 
-def _load_llamacpp(manifest: Manifest, options: BackendOptions) -> tuple[VisionEncoder, Decoder]:
+def _check_onnx(options: BackendOptions) -> None:
+    from .onnx_session import checked_providers
+
+    checked_providers(options.onnx.providers)
+
+
+def _load_onnx(manifest: Manifest, options: BackendOptions) -> tuple[VisionEncoder, Decoder[Any]]:
+    from .onnx_decoder import OnnxDecoder
+    from .onnx_vision import OnnxVision
+
+    return OnnxVision.load(manifest, options.onnx), OnnxDecoder.load(manifest, options.onnx)
+
+
+def _check_llamacpp(options: BackendOptions) -> None:
+    from .llamacpp import check_build, check_options
+
+    _check_onnx(options)  # the vision graph runs on onnxruntime
+    check_build()
+    check_options(options.llamacpp)
+
+
+def _load_llamacpp(manifest: Manifest, options: BackendOptions) -> tuple[VisionEncoder, Decoder[Any]]:
     """The vision graph on onnxruntime, the GGUF decoder on llama.cpp. At 896 px the vision graph runs without
     onnxruntime's arena by default: its activations go back to the OS before the decoder's prefill (the figures
-    of benchmarks/RESULTS.md's llama.cpp section were measured so)."""
+    of docs/performance.md's llama.cpp section were measured so)."""
     from .llamacpp import LlamaCppDecoder
-    from .onnx import OnnxVision
+    from .onnx_vision import OnnxVision
 
     vision_options = options.onnx
     if vision_options.memory_arena is None:
@@ -36,14 +62,11 @@ def _load_llamacpp(manifest: Manifest, options: BackendOptions) -> tuple[VisionE
     return OnnxVision.load(manifest, vision_options), LlamaCppDecoder.load(manifest, options.llamacpp)
 
 
-LOADERS = {ONNX_BACKEND: _load_onnx, LLAMACPP_BACKEND: _load_llamacpp}
+BACKENDS: dict[DecoderBackend, Backend] = {
+    DecoderBackend.ONNXRUNTIME: Backend(_check_onnx, _load_onnx),
+    DecoderBackend.LLAMACPP: Backend(_check_llamacpp, _load_llamacpp),
+}
 
 
-def load_backend(manifest: Manifest, options: BackendOptions | None = None) -> tuple[VisionEncoder, Decoder]:
-    loader = LOADERS.get(manifest.decoder_backend)
-    if loader is None:
-        raise CorruptExportError(
-            f"this export's decoder runs on {manifest.decoder_backend!r}, which this paligemma-edge does not "
-            f"support (it has: {', '.join(LOADERS)}). Upgrade paligemma-edge or re-export."
-        )
-    return loader(manifest, options or BackendOptions())
+def backend_of(manifest: Manifest) -> Backend:
+    return BACKENDS[manifest.decoder_backend]  # the manifest parser admits DecoderBackend members only

@@ -106,7 +106,9 @@ class DeviceKVBuffers:
 
     def append(self, new: list[ort.OrtValue | None]) -> None:
         """Write this call's keys/values (device OrtValues) after the cached ones; consumes ``new``."""
-        end = self.length + new[0].shape()[2]
+        first = new[0]
+        assert first is not None, "the decoder's new keys/values"
+        end = self.length + first.shape()[2]
         capacity = rounded_capacity(end, self.block) if end > self.capacity else self.capacity
         for i, buffer in enumerate(self.buffers):
             if buffer.shape()[2] < capacity:

@@ -40,7 +40,9 @@ class KVBuffers:
         Consumes ``new``: layer by layer, the buffer grows, takes the values, and the list lets go of them, so a
         long prefill's keys/values (PaliGemma2-3B-896: 0.9 GB) never sit in memory twice.
         """
-        end = self.length + new[0].shape[2]
+        first = new[0]
+        assert first is not None, "the decoder's new keys/values"
+        end = self.length + first.shape[2]
         capacity = rounded_capacity(end, self.block) if end > self.capacity else self.capacity
         for i, buffer in enumerate(self.buffers):
             if buffer.shape[2] < capacity:

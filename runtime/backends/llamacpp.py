@@ -32,15 +32,15 @@ except ModuleNotFoundError as error:  # the CLI turns this into "pip install 'pa
     ) from error
 
 from ..backend import DecoderChunk
+from ..cpu import amx_usable
 from ..errors import BackendBuildError, CorruptExportError, GenerationError
-from ..export_format import IMAGE_SLOT, Manifest
+from ..export_format import IMAGE_SLOT, Graph, Manifest, Precision
 from .options import LARGE_PREFIX, LlamaCppOptions
 
 _CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}
 _PREFIX_ALLOWANCE = 512  # tokens per sequence beyond the image tokens, for the default context size
 _DEFAULT_SEQUENCES = 4
 _WINDOW_KEY = b"gemma2.attention.sliding_window"
-_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18  # x86-64 Linux
 _log_callback = None  # kept alive: llama.cpp calls it from C
 
 
@@ -67,19 +67,10 @@ def build_info() -> str:
     return f"llama-cpp-python {llama_cpp.__version__}; {features}"
 
 
-def _amx_permitted() -> bool:
-    """Whether Linux lets this process use AMX tiles (a VM may advertise AMX in CPUID and not allow it)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def check_build() -> str:
     """The build's description; refuses a build whose AMX code would die with SIGILL on this machine."""
     info = build_info()
-    if "AMX_INT8 = 1" in info and not _amx_permitted():
+    if "AMX_INT8 = 1" in info and not amx_usable():
         raise BackendBuildError(
             f"this llama-cpp-python was built with AMX, which this machine advertises but does not allow: its first "
             f'decode would die with SIGILL ({info}). Reinstall it portable: CMAKE_ARGS="-DGGML_NATIVE=OFF '
@@ -94,7 +85,7 @@ def _window_override(window: int) -> ctypes.Array:
     overrides = (llama_cpp.llama_model_kv_override * 2)()
     overrides[0].key = _WINDOW_KEY
     overrides[0].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-    overrides[0].value.val_i64 = window
+    overrides[0].value.val_i64 = window  # type: ignore[union-attr]  # a ctypes union the stubs type as its members
     return overrides
 
 
@@ -238,25 +229,30 @@ class LlamaCppCache:
         return merged
 
 
+def check_options(options: LlamaCppOptions) -> None:
+    """Refuse what this build cannot do before any long work."""
+    if options.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+        raise BackendBuildError(
+            f"gpu_layers={options.gpu_layers} asks for GPU offload, but this llama-cpp-python has no GPU backend "
+            f"({build_info()}). Reinstall it with one (README: installing a GPU build), or leave gpu_layers at 0."
+        )
+    if options.cache_type is not None and options.cache_type not in _CACHE_TYPES:
+        raise GenerationError(f"cache_type must be one of {sorted(_CACHE_TYPES)}, got {options.cache_type!r}.")
+
+
 class LlamaCppDecoder:
     """decoder.gguf in llama.cpp: a chunk of tokens against the rows' sequences → logits where asked."""
 
     def __init__(self, manifest: Manifest, options: LlamaCppOptions):
         self.build = check_build()  # before any decode
-        if options.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
-            raise BackendBuildError(
-                f"gpu_layers={options.gpu_layers} asks for GPU offload, but this llama-cpp-python has no GPU backend "
-                f"({self.build}). Reinstall it with one (README: installing a GPU build), or leave gpu_layers at 0."
-            )
+        check_options(options)
         lm = manifest.language_model
-        entry = manifest.graph("decoder")
+        entry = manifest.graph(Graph.DECODER)
         self.path = str(manifest.path(entry.file))
         self.hidden_size = lm.hidden_size
         self.options = options
-        full_precision = not manifest.is_quantized and entry.dtype == "fp32"
+        full_precision = not manifest.is_quantized and entry.dtype == Precision.FP32
         self.cache_type = options.cache_type or ("f32" if full_precision else "f16")
-        if self.cache_type not in _CACHE_TYPES:
-            raise GenerationError(f"cache_type must be one of {sorted(_CACHE_TYPES)}, got {self.cache_type!r}.")
         self.flash = options.flash_attention if options.flash_attention is not None else not full_precision
         per_sequence = manifest.num_image_tokens + _PREFIX_ALLOWANCE
         if lm.max_positions:
@@ -314,6 +310,7 @@ class LlamaCppDecoder:
         rows = np.empty((len(ids), self.hidden_size), np.float32)
         is_image = ids == IMAGE_SLOT
         if is_image.any():
+            assert image_rows is not None, "image rows need image embeddings"
             rows[is_image] = image_rows[is_image] * self._embed_scale
         if (~is_image).any():
             rows[~is_image] = self._table.rows(ids[~is_image])
