@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -331,3 +333,20 @@ def test_eval_on_a_gguf_export_scores_what_the_onnx_export_scores(scripted_gguf,
     assert all(out.returncode == 0 for out in reports), [out.stderr for out in reports]
     on_gguf, on_onnx = (json.loads(out.stdout)["tasks"] for out in reports)
     assert on_gguf == on_onnx and on_gguf["segment"]["mask_iou"] == pytest.approx(1.0)
+
+
+def test_loading_a_gguf_export_imports_no_onnxruntime_decoder_code(gguf_exports, images, tmp_path):
+    """The backend registry imports a backend's modules only when an export needs them: a GGUF export runs its vision
+    graph on onnxruntime and its decoder on llama.cpp, and never imports the ONNX decoder's module."""
+    image = tmp_path / "image.png"
+    images[0].save(image)
+    script = (
+        "import sys; from paligemma_edge import PaliGemma; "
+        f"model = PaliGemma.load({str(gguf_exports['pg1'])!r}); model.generate({str(image)!r}, 'caption en', 3); "
+        "print(sorted(m for m in sys.modules if m.startswith('paligemma_edge.runtime.backends.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout.strip()
+    assert "backends.llamacpp" in loaded and "backends.onnx_vision" in loaded
+    assert "backends.onnx_decoder" not in loaded
