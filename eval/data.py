@@ -75,15 +75,31 @@ def _objects(items: Any, key: str, line: int) -> list[dict]:
     return items
 
 
-def _mask(value: Any, line: int) -> np.ndarray:
+def _mask(value: Any, line: int, image_size: tuple[int, int]) -> np.ndarray:
+    """A COCO RLE mask of the image's own size (checked before anything the size of the mask is allocated)."""
+    width, height = image_size
     try:
-        height, width = value["size"]
+        if not isinstance(value, dict) or value.get("size") != [height, width]:
+            raise ValueError(f"size must be the image's [height, width] = [{height}, {width}], got {value!r:.80}")
         counts = value["counts"]
-        if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
-            raise ValueError("counts must be non-negative integers summing to height × width")
+        if not isinstance(counts, list) or not all(isinstance(c, int) and c >= 0 for c in counts):
+            raise ValueError("counts must be a list of non-negative integers")
+        if sum(counts) != height * width:
+            raise ValueError("counts must sum to height × width")
         return rle_to_mask(value)
     except (TypeError, KeyError, ValueError) as error:
         raise _fail(line, f"a mask must be COCO uncompressed RLE {{size: [h, w], counts: [...]}} ({error})") from error
+
+
+def _image_size(path: Path, line: int) -> tuple[int, int]:
+    """(width, height) from the image file's header, without decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise _fail(line, f"image {path} cannot be read ({error})") from error
 
 
 def parse_example(data: Any, line: int, root: Path) -> Example:
@@ -114,14 +130,17 @@ def parse_example(data: Any, line: int, root: Path) -> Example:
             (item["label"], _box(item.get("box"), line)) for item in _objects(data["boxes"], "boxes", line)
         ]
     else:
+        size = _image_size(path, line)
         example.masks = [
-            (item["label"], _mask(item.get("mask"), line)) for item in _objects(data["masks"], "masks", line)
+            (item["label"], _mask(item.get("mask"), line, size)) for item in _objects(data["masks"], "masks", line)
         ]
     return example
 
 
 def read_examples(path: str | Path) -> list[Example]:
     path = Path(path)
+    if path.is_dir():
+        raise EvalDataError(f"{path} is a directory; give its JSON Lines file (e.g. {path / 'data.jsonl'})")
     if not path.is_file():
         raise EvalDataError(f"{path} does not exist (an eval file is JSON Lines: one example per line)")
     examples = []

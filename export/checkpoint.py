@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..runtime.console import verbose
 from ..runtime.errors import CheckpointError
 from ..runtime.export_format import Precision
 
@@ -54,6 +55,10 @@ def load_checkpoint(path: Path, dtype: Precision = Precision.FP32):
     if config.model_type != "paligemma":
         raise CheckpointError(f"{path} is a {config.model_type!r} checkpoint, not PaliGemma.")
     torch_dtype = torch.float32 if dtype == Precision.FP32 else torch.float16
+    if not verbose():  # transformers' own "Loading weights" bar; the export's progress bar says where it is
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         model = PaliGemmaForConditionalGeneration.from_pretrained(
             path, dtype=torch_dtype, attn_implementation="eager"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -28,7 +29,7 @@ from ..runtime.export_format import (
     load_manifest,
     sha256_file,
 )
-from ..runtime.output_dirs import atomic_output_dir, storage_full_as_typed_error
+from ..runtime.output_dirs import atomic_output_dir, is_storage_full, storage_full_as_typed_error
 from .attention import QUERY_CHUNK
 from .checkpoint import RANDOM_WEIGHTS_MARKER, SEG_DECODER_FILE, load_checkpoint, resolve_checkpoint
 from .graphs import export_decoder, export_vision, opset_for
@@ -37,6 +38,7 @@ from .verify import Reference, raise_if_failed, transformers_reference, verify_e
 
 log = logging.getLogger(__name__)
 REFERENCE_FILE = ".transformers_reference.npz"
+STORAGE_FULL_EXIT = 28  # the torch stage's exit code when it ran out of room (ENOSPC's number)
 ERROR_FILE = ".export_error.json"
 ISOLATE_BYTES = 2 * 1024**3
 
@@ -235,6 +237,10 @@ def _torch_stage_in_child(model: str, out: str, settings: dict) -> None:
         manifest, reference = _torch_stage(model, Path(out), ExportSettings(**settings))
         if reference is not None:
             reference.save(Path(out) / REFERENCE_FILE)
+    except OSError as error:
+        if is_storage_full(error):  # no room to write the error down: the exit code says it
+            raise SystemExit(STORAGE_FULL_EXIT) from error
+        raise
     except PaliGemmaEdgeError as error:
         (Path(out) / ERROR_FILE).write_text(json.dumps({"type": type(error).__name__, "message": str(error)}))
         raise SystemExit(2) from error
@@ -257,6 +263,8 @@ def _run_isolated(model: str | Path, out: Path, settings: ExportSettings) -> tup
         error = json.loads((out / ERROR_FILE).read_text())
         (out / ERROR_FILE).unlink()
         raise getattr(errors, error["type"], errors.PaliGemmaEdgeError)(error["message"])
+    if child.exitcode == STORAGE_FULL_EXIT:
+        raise OSError(errno.ENOSPC, "the export's torch stage ran out of room")
     if child.exitcode != 0:
         raise errors.PaliGemmaEdgeError(f"the export's torch stage died (exit code {child.exitcode}); see above.")
     reference = Reference.load(out / REFERENCE_FILE) if settings.verify else None

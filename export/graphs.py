@@ -12,6 +12,7 @@ import onnx
 import torch
 
 from ..runtime import export_format as fmt
+from ..runtime.console import quiet
 from .attention import CUSTOM_TRANSLATIONS, QUERY_CHUNK, chunked_vision_attention, expand_chunked_attention
 from .decoder import ExportableDecoder
 from .vision import ExportableVision
@@ -46,7 +47,9 @@ def _save(program, path: Path, rename_other_dims: str | None = None) -> None:
 
 def _export(module: torch.nn.Module, args: tuple, **kwargs):
     opset = opset_for(next(module.parameters()).dtype)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    # torch's exporter logs which torchvision ops it skips and what it is doing: only its errors show (--verbose: all)
+    noise = contextlib.redirect_stdout(io.StringIO())
+    with warnings.catch_warnings(), noise, quiet("torch.onnx", "torch.export", "onnxscript"), torch.no_grad():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
             module,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from ..export.exporter import ExportSettings, export_model
 from ..runtime.export_format import Manifest
 from ..runtime.model import PaliGemma
-from ..runtime.output_dirs import check_output_dir, publish_dir, storage_full_as_typed_error
+from ..runtime.output_dirs import check_output_dir, owned_partial, publish_dir, storage_full_as_typed_error
 from ..runtime.recipes import Recipe
 from ..runtime.tasks import example_prompts
 from .compare import compare_exports, default_images
@@ -23,10 +22,10 @@ def export_quantized(
     check_recipe_fits(recipe, settings.backend, f"--backend {settings.backend} makes")  # before any work
     out = check_output_dir(out_dir, overwrite)
     with (
-        tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=f".{out.name}.partial-") as scratch,
+        owned_partial(out) as scratch,
         storage_full_as_typed_error(scratch, out),
     ):
-        fp32, quantized = Path(scratch) / "fp32", Path(scratch) / "quantized"
+        fp32, quantized = scratch / "fp32", scratch / "quantized"
         reference = export_model(model, fp32, settings)
         manifest = quantize_export(fp32, quantized, recipe)
         report = compare_exports(

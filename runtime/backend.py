@@ -4,7 +4,9 @@ A backend supplies a `VisionEncoder` (pixels → projected image features) and a
 of tokens and image rows against a cache, return logits where asked). The loop in `generation.py` owns
 everything else — prefix layout, positions, sampling, stopping, batching — and knows no backend.
 A backend's cache keeps what its decoder needs about past tokens; rows can leave (`select`) and
-batches can merge (`concat`) between steps, which is what continuous batching needs.
+batches can merge (`concat`) between steps, which is what continuous batching needs. A decoder may hold a limited
+number of rows across all its caches (llama.cpp's sequences): the loop then runs larger batches in waves, and
+threads sharing one decoder wait for rows instead of failing.
 """
 
 from __future__ import annotations
@@ -61,13 +63,29 @@ class DecoderCache(Protocol):
 CacheT = TypeVar("CacheT", bound=DecoderCache)
 
 
+class RowsBusy(Exception):
+    """A decoder with a row limit has not enough rows free right now (raised by ``new_cache(..., wait=False)``)."""
+
+
 @runtime_checkable
 class Decoder(Protocol[CacheT]):
     """Runs chunks against caches of its own kind (``CacheT``)."""
 
     hidden_size: int
 
-    def new_cache(self, batch_size: int) -> CacheT: ...
+    @property
+    def row_limit(self) -> int | None:
+        """Rows all of this decoder's caches may hold at once; None: no limit."""
+        ...
+
+    def new_cache(self, batch_size: int, wait: bool = True) -> CacheT:
+        """A cache of ``batch_size`` empty rows. With a row limit: waits until that many are free (``wait``), or
+        raises `RowsBusy`; more rows than the limit at all is a GenerationError."""
+        ...
+
+    def free_rows(self) -> int | None:
+        """Rows a new cache can take now without waiting (None: no limit)."""
+        ...
 
     def forward(self, cache: CacheT, chunk: DecoderChunk) -> np.ndarray:
         """Append the chunk to the cache and return float32 logits [B, L, vocab] at ``chunk.logits_at``."""

@@ -7,10 +7,12 @@ command spawns (the export's torch stage) calls `configure_output()` again and i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 VERBOSE_ENV = "PALIGEMMA_EDGE_VERBOSE"
 
@@ -38,3 +40,23 @@ def configure_output(verbose: bool | None = None) -> None:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers' own handler, read at its import
     warnings.filterwarnings("ignore")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """Other libraries' loggers (``loggers``, by name) show only errors while we call them, unless ``--verbose``."""
+    if verbose():
+        yield
+        return
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)

@@ -8,14 +8,15 @@ It knows nothing of onnxruntime. `PaliGemma` (model.py) builds `RunningSequence`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from . import sampling
-from .backend import Decoder, DecoderCache, DecoderChunk
+from .backend import Decoder, DecoderCache, DecoderChunk, RowsBusy
 from .checks import is_int, is_number
 from .errors import GenerationError
 from .export_format import IMAGE_SLOT, TokenIds
@@ -316,13 +317,20 @@ class DecodingBatch:
     def __len__(self) -> int:
         return len(self.sequences)
 
+    def room(self) -> int | None:
+        """How many sequences can join now without waiting for the decoder's rows (None: any number)."""
+        return self.decoder.free_rows()
+
     def join(self, new: Sequence[RunningSequence]) -> list[TokenEvent]:
-        """Prefill ``new`` (one left-padded call) and choose their first tokens; they decode from the next step."""
+        """Prefill ``new`` (one left-padded call) and choose their first tokens; they decode from the next step.
+
+        With a decoder whose rows are limited, an empty batch waits for free rows; a running one raises `RowsBusy`
+        instead (it holds rows that other threads may be waiting for), and nothing has changed."""
         if not new:
             return []
         start = time.perf_counter()
         chunk = prefix_chunk([s.prompt_ids for s in new], [s.image_features for s in new], self.tokens)
-        cache = self.decoder.new_cache(len(new))
+        cache = self.decoder.new_cache(len(new), wait=not self.sequences)
         logits = self.decoder.forward(cache, chunk)
         events = [sequence.choose(logits[row, -1]) for row, sequence in enumerate(new)]
         for sequence, last in zip(new, chunk.positions[:, -1]):
@@ -369,8 +377,29 @@ class DecodingBatch:
         self.cache = self.cache.select(keep) if keep and self.cache is not None else None
 
 
-def run_to_completion(batch: DecodingBatch, sequences: Sequence[RunningSequence]):
-    """Join ``sequences`` and step until all are finished, yielding every event (a generator)."""
-    yield from batch.join(sequences)
-    while batch.sequences:
+def run_to_completion(batch: DecodingBatch, sequences: Sequence[RunningSequence]) -> Iterator[TokenEvent]:
+    """Join ``sequences`` and step until all are finished, yielding every event (a generator).
+
+    A decoder with a row limit takes them in waves: as many join as there are rows, and each finished one makes room
+    for the next (continuous batching); a sequence's tokens are the same in any wave. Rows another thread holds
+    are waited for only while this batch holds none."""
+    waiting = deque(sequences)
+    limit = batch.decoder.row_limit
+    while waiting or batch.sequences:
+        if waiting:
+            room = batch.room()
+            if room is None:
+                count = len(waiting)
+            elif room > 0 or not batch.sequences:  # an empty batch may wait for rows
+                count = min(len(waiting), max(room, 1), limit or len(waiting))
+            else:
+                count = 0
+            if count:
+                joining = [waiting[i] for i in range(count)]
+                try:
+                    yield from batch.join(joining)
+                except RowsBusy:  # another thread took the rows between room() and join: try after a step
+                    joining = []
+                for _ in joining:
+                    waiting.popleft()
         yield from batch.step()

@@ -1,16 +1,24 @@
 """Output directories that appear whole or not at all, and never replace a user's files or a source.
 
-A command writes into a hidden temporary directory beside its target and renames it into place only
-when everything (export, verification, checksums, manifest) is done. A failure or Ctrl-C leaves the
-target as it was. A non-empty target is refused unless ``overwrite`` is given. What appears has the permissions the
-user's umask gives new files (the temporary directory and files start private).
+A command writes into a hidden temporary directory beside its target (``.NAME.partial-*``) and renames it into
+place only when everything (export, verification, checksums, manifest) is done. A failure or Ctrl-C leaves the
+target as it was. A non-empty target is refused unless ``overwrite`` is given, and a target that appears while the
+command runs (another command writing the same output) is never replaced: the second one fails. What appears has the
+permissions the user's umask gives new files (the temporary directory and files start private).
+
+A partial directory is owned by its process through an exclusive lock on ``.NAME.partial-*.lock`` beside it; a
+process killed outright (SIGKILL, power loss) leaves both behind, and the next command writing into the same parent
+directory finds the lock free and removes them, saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -19,7 +27,19 @@ from pathlib import Path
 
 from .errors import OutputPathError, StorageFullError
 
+log = logging.getLogger(__name__)
 STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# numpy's ndarray.tofile reports a write the OS cut short without an errno (the GGUF writer and onnx_ir use it)
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|problem writing element")
+PARTIAL_MARK = ".partial-"
+LOCK_SUFFIX = ".lock"
+
+
+def is_storage_full(error: BaseException) -> bool:
+    """A write that ran out of room: a full disk, a quota or a file-size limit (also when only the message says)."""
+    if not isinstance(error, OSError):
+        return False
+    return error.errno in STORAGE_FULL_ERRNOS or (error.errno is None and bool(_SHORT_WRITE.search(str(error))))
 
 
 def _is_within(path: Path, other: Path) -> bool:
@@ -53,19 +73,69 @@ def check_output_dir(target: str | Path, overwrite: bool = False, sources: Seque
 
 
 @contextlib.contextmanager
+def owned_partial(target: Path) -> Iterator[Path]:
+    """A new, locked ``.NAME.partial-*`` directory beside ``target`` (stale ones of killed processes removed first).
+    It is removed on the way out unless it was moved away (published)."""
+    parent = target.resolve().parent
+    remove_stale_partials(parent)
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}{PARTIAL_MARK}"))
+    lock = work.with_name(work.name + LOCK_SUFFIX)
+    descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # gone already when published
+        lock.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Remove the partial directories in ``parent`` whose owner is gone (their lock is free); returns them. A partial
+    directory without a lock file (an older paligemma-edge's) is named, not removed."""
+    removed: list[Path] = []
+    try:
+        entries = [entry for entry in parent.iterdir() if entry.name.startswith(".") and PARTIAL_MARK in entry.name]
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.endswith(LOCK_SUFFIX) or not entry.is_dir() or entry.is_symlink():
+            continue
+        lock = entry.with_name(entry.name + LOCK_SUFFIX)
+        if not lock.is_file():
+            log.warning("%s is a partial output of an interrupted run (no owner recorded); remove it by hand", entry)
+            continue
+        try:
+            descriptor = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while its owner lives
+        except OSError:
+            os.close(descriptor)
+            continue
+        try:
+            size = _tree_bytes(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed.append(entry)
+            log.info("removed %s: a partial output (%.2f GB) left by an interrupted run", entry, size / 1e9)
+        finally:
+            os.close(descriptor)
+    return removed
+
+
+@contextlib.contextmanager
 def atomic_output_dir(
     target: str | Path, overwrite: bool = False, sources: Sequence[str | Path] = ()
 ) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it replaces ``target`` in one rename."""
     target = check_output_dir(target, overwrite, sources)
-    work = Path(tempfile.mkdtemp(dir=target.resolve().parent, prefix=f".{target.name}.partial-"))
-    try:
+    replacing = target.exists()  # an empty directory, or one the user asked to overwrite
+    with owned_partial(target) as work:
         with storage_full_as_typed_error(work, target):
             yield work
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    _move_into_place(work, target)
+        _move_into_place(work, target, replacing)
 
 
 def _tree_bytes(directory: Path) -> int:
@@ -78,17 +148,19 @@ def storage_full_as_typed_error(work: str | Path, target: str | Path) -> Iterato
     that says how much was written and how much is free; any other error passes through unchanged."""
     try:
         yield
-    except (OSError, StorageFullError) as error:
-        # a StorageFullError here came from an output nested inside ``work`` (a scratch step): the user's
-        # output is ``target``, so the message names it
-        cause = error.__cause__ if isinstance(error, StorageFullError) else error
-        if not isinstance(cause, OSError) or cause.errno not in STORAGE_FULL_ERRNOS:
+    except (OSError, OutputPathError) as error:
+        # a StorageFullError here came from an output nested inside ``work`` (a scratch step), an OutputPathError
+        # from a single file that could not be written: the user's output is ``target``, so the message names it
+        cause = error if isinstance(error, OSError) else error.__cause__
+        if cause is None or not is_storage_full(cause):
             raise
+        assert isinstance(cause, OSError)
         work = Path(work)
         written = _tree_bytes(work) if work.is_dir() else 0
         free = shutil.disk_usage(work if work.exists() else work.parent).free
+        reason = os.strerror(cause.errno) if cause.errno else "a write was cut short"
         raise StorageFullError(
-            f"writing {target} stopped: {os.strerror(cause.errno)} after {written / 1e9:.2f} GB "
+            f"writing {target} stopped: {reason} after {written / 1e9:.2f} GB "
             f"({free / 1e9:.2f} GB free on that file system); nothing was left at {target}. Free some space "
             "(or choose an output on another disk) and run the command again."
         ) from cause
@@ -97,7 +169,7 @@ def storage_full_as_typed_error(work: str | Path, target: str | Path) -> Iterato
 def publish_dir(work: str | Path, target: str | Path, overwrite: bool = False) -> Path:
     """Move a finished directory (made beside ``target``) into place, with the checks of `check_output_dir`."""
     target = check_output_dir(target, overwrite)
-    _move_into_place(Path(work), target)
+    _move_into_place(Path(work), target, replacing=target.exists())
     return target
 
 
@@ -124,10 +196,20 @@ def share_as_new_files(directory: Path) -> None:
         os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
-def _move_into_place(work: Path, target: Path) -> None:
+def _move_into_place(work: Path, target: Path, replacing: bool) -> None:
+    """Rename ``work`` to ``target``. A new target is created exclusively: if something appeared there meanwhile
+    (another command writing the same output), it stays and this output is refused."""
     share_as_new_files(work)
-    if not target.exists():
-        os.rename(work, target)
+    if not replacing:
+        try:
+            os.rename(work, target)  # onto nothing, or an empty directory; never onto another's files
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise OutputPathError(
+                f"{target} appeared while this command was writing it (another command writing the same output?); "
+                "it was left as it is and this command's output was discarded. Choose another output or run again."
+            ) from error
         return
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(target, old)  # only an empty directory, or one the user asked to overwrite

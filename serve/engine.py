@@ -113,7 +113,7 @@ class Engine:
                 while (
                     self.pending
                     and len(self.active) + len(admitted) < self.max_batch
-                    and len(admitted) < self.prefills_per_step
+                    and len(admitted) < min(self.prefills_per_step, self._room())
                 ):
                     admitted.append(self.pending.popleft())
                 self.metrics.queue_depth.set(len(self.pending))
@@ -140,6 +140,14 @@ class Engine:
             self.metrics.active.set(len(self.active))
         for job in [*self.pending, *self.active.values()]:
             job.push("error", RuntimeError("the server is shutting down"))
+
+    def _room(self) -> int:
+        """Sequences the decoder can take now: all the batch allows, unless its rows are limited (llama.cpp's
+        sequences shared with other users of the model); an empty batch may wait for one."""
+        free = self.batch.room()
+        if free is None:
+            return self.max_batch
+        return free if self.active else max(free, 1)
 
     def _expire(self) -> None:
         """Cancelled and timed-out sequences stop; they leave the batch at the next step."""

@@ -48,6 +48,8 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"the request body is not valid JSON ({error})", "invalid_json") from error
+    except RecursionError as error:  # json's decoder recurses per nesting level
+        raise ApiError(400, "the request body nests arrays or objects too deeply", "invalid_json") from error
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_json")
     return body
@@ -79,6 +81,8 @@ class ImagePolicy:
                 "local_files_disabled",
                 param,
             )
+        if "\x00" in reference:
+            raise ApiError(400, "an image path cannot contain a NUL character", "invalid_image", param)
         path = Path(reference.removeprefix("file://")).expanduser()
         resolved = (self.local_dir / path).resolve() if not path.is_absolute() else path.resolve()
         root = self.local_dir.resolve()

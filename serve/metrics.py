@@ -29,6 +29,10 @@ class Metrics:
         self.time_per_token = Histogram(
             "paligemma_time_per_token_seconds", "time between a sequence's tokens", buckets=_TOKEN_BUCKETS, registry=r
         )
+        self.image_cache_bytes = Gauge("paligemma_image_cache_bytes", "image features kept for reuse", registry=r)
+        self.image_cache_entries = Gauge("paligemma_image_cache_entries", "images whose features are kept", registry=r)
+        self.image_cache_hits = Counter("paligemma_image_cache_hits", "requests whose image was encoded before", registry=r)
+        self.image_cache_misses = Counter("paligemma_image_cache_misses", "requests whose image was encoded", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -170,9 +170,13 @@ class SlowDecoder:
 
     def __init__(self, inner, delay: float):
         self.inner, self.delay, self.hidden_size = inner, delay, inner.hidden_size
+        self.row_limit = inner.row_limit
 
-    def new_cache(self, batch_size: int):
-        return self.inner.new_cache(batch_size)
+    def free_rows(self):
+        return self.inner.free_rows()
+
+    def new_cache(self, batch_size: int, wait: bool = True):
+        return self.inner.new_cache(batch_size, wait)
 
     def forward(self, cache, chunk):
         time.sleep(self.delay)

@@ -170,7 +170,12 @@ class NumpyDecoder:
         self.inv_freq = 1.0 / theta ** (np.arange(0, self.head_dim, 2) / self.head_dim)
         self.scale = (c.get("query_pre_attn_scalar") if self.gemma2 else self.head_dim) ** -0.5
 
-    def new_cache(self, batch_size: int) -> NumpyCache:
+    row_limit = None  # any batch
+
+    def free_rows(self) -> None:
+        return None
+
+    def new_cache(self, batch_size: int, wait: bool = True) -> NumpyCache:
         return NumpyCache.empty(batch_size, self.layers, self.kv_heads, self.head_dim)
 
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import gguf
@@ -225,15 +226,61 @@ def test_recipes_match_the_export_kind(gguf_exports, exports, tmp_path):
         get_recipe("q4_0").with_overrides(block_size=64)
 
 
-def test_limits_are_typed_errors(gguf_exports, images):
+def test_a_batch_larger_than_the_sequences_runs_in_waves(gguf_exports, images):
+    """Five rows on two llama.cpp sequences: continuous batching takes them two at a time, each row decoding the
+    tokens of its own single call (the pool of sequences is not leaked)."""
     runtime = PaliGemma.load(gguf_exports["pg1"], max_sequences=2)
-    with pytest.raises(GenerationError, match="holds 2 sequences"):
-        runtime.generate(images[:3], ["ocr"] * 3, max_new_tokens=2)
-    assert runtime.generate(images[:2], ["ocr"] * 2, max_new_tokens=2)  # the pool was not leaked
+    prompts = ["ocr", "caption en", "detect house ; car", "caption en", "answer en what is it?"]
+    batch = [images[i % len(images)] for i in range(5)]
+    waves = runtime.generate(batch, prompts, max_new_tokens=6)
+    singles = [runtime.generate(image, prompt, 6) for image, prompt in zip(batch, prompts)]
+    assert [r.token_ids for r in waves] == [r.token_ids for r in singles]
+    assert runtime.decoder.free_rows() == 2
+    with pytest.raises(GenerationError, match="holds 2 sequences at once; 3 were asked for"):
+        runtime.decoder.new_cache(3)
+
+
+def test_threads_share_one_gguf_model(gguf_exports, images):
+    """Four threads × five calls on one GGUF export with two sequences: no crash (llama.cpp's context is used by one
+    thread at a time), every call the single-threaded tokens."""
+    model = PaliGemma.load(gguf_exports["pg2"], max_sequences=2)
+    expected = [model.generate(image, "caption en", 8).token_ids for image in images]
+    got, errors = [], []
+
+    def work(k: int) -> None:
+        try:
+            for _ in range(5):
+                got.append((k, model.generate(images[k % len(images)], "caption en", 8).token_ids))
+        except Exception as error:
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(got) == 20
+    assert all(tokens == expected[k % len(images)] for k, tokens in got)
+
+
+def test_quantized_batches_equal_single_calls_with_a_short_window(gguf_exports, images, tmp_path):
+    """q4_k_m of the PaliGemma 2 whose sliding window (24) is shorter than its prefix: llama.cpp's flash attention
+    gave a batch's rows other tokens than the same rows alone, so it is off where the window is shorter than a
+    sequence's context and several sequences decode together — and a row is the same alone or in any batch."""
+    quantize_export(gguf_exports["pg2"], tmp_path / "q4km", get_recipe("q4_k_m"))
+    model = PaliGemma.load(tmp_path / "q4km", max_sequences=5)
+    assert not model.decoder.flash
+    batch = [images[i % len(images)] for i in range(5)]
+    batched = model.generate(batch, ["caption en"] * 5, max_new_tokens=16)
+    assert [r.token_ids for r in batched] == [model.generate(image, "caption en", 16).token_ids for image in batch]
+    assert PaliGemma.load(tmp_path / "q4km", max_sequences=1).decoder.flash  # one sequence: nothing to differ
+
+
+def test_limits_are_typed_errors(gguf_exports, images):
     small = PaliGemma.load(gguf_exports["pg1"], context_tokens=300)
     with pytest.raises(GenerationError, match="filled its llama.cpp context"):
         small.generate(images[0], "caption en", max_new_tokens=400, ignore_eos=True)
-    with pytest.raises(GenerationError, match="micro-batch"):
+    with pytest.raises(GenerationError, match=r"a prefix of \d+ tokens \(256 image \+ \d+ prompt\) does not fit"):
         small.generate(images[0], "caption en " + "red " * 120, max_new_tokens=2)
     if not llama_cpp.llama_supports_gpu_offload():  # a CPU build (CI's): asking for a GPU is an error, not a no-op
         with pytest.raises(BackendBuildError, match="no GPU backend"):

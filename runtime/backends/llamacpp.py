@@ -11,7 +11,9 @@ the vision encoder stays ONNX. How PaliGemma's prefix-LM maps onto llama.cpp (io
 - Gemma 2 with a sliding window shorter than a prefix: llama.cpp's non-causal window would hide prefix
   pairs from each other, which transformers never does. Such prefixes are decoded by a second handle on
   the same file whose window is overridden to cover the prefix, and the sequence's cache is copied into
-  the main context, where suffix queries see the real window.
+  the main context, where suffix queries see the real window;
+- a llama.cpp context is not safe to use from two threads at once: every call into it holds the decoder's lock,
+  and threads sharing the decoder wait for free sequences rather than fail.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import threading
 import weakref
 from collections.abc import Sequence
 
@@ -31,7 +34,7 @@ except ModuleNotFoundError as error:  # the CLI turns this into "pip install 'pa
         "this export's decoder runs on llama.cpp: pip install 'paligemma-edge[llamacpp]'", name="llama_cpp"
     ) from error
 
-from ..backend import DecoderChunk
+from ..backend import DecoderChunk, RowsBusy
 from ..cpu import amx_usable
 from ..errors import BackendBuildError, CorruptExportError, GenerationError
 from ..export_format import IMAGE_SLOT, Graph, Manifest, Precision
@@ -253,14 +256,15 @@ class LlamaCppDecoder:
         self.options = options
         full_precision = not manifest.is_quantized and entry.dtype == Precision.FP32
         self.cache_type = options.cache_type or ("f32" if full_precision else "f16")
-        self.flash = options.flash_attention if options.flash_attention is not None else not full_precision
         per_sequence = manifest.num_image_tokens + _PREFIX_ALLOWANCE
         if lm.max_positions:
             per_sequence = min(per_sequence, lm.max_positions)
         default_sequences = 1 if manifest.num_image_tokens >= LARGE_PREFIX else _DEFAULT_SEQUENCES
         self.max_sequences = options.max_sequences or default_sequences
         self.context_tokens = options.context_tokens or per_sequence  # per sequence
-        self.batch_tokens = min(self.context_tokens, per_sequence)  # the longest prefix decoded in one call
+        self.batch_tokens = self.context_tokens  # the longest prefix, decoded in one call
+        self.sliding_window = lm.sliding_window if "sliding_attention" in lm.layer_types else None
+        self.flash = self._flash_attention(options.flash_attention, full_precision)
         self.main = _Model(
             self.path,
             options,
@@ -271,9 +275,11 @@ class LlamaCppDecoder:
             self.flash,
         )
         self.vocab_size = self.main.vocab_size
-        self.sliding_window = lm.sliding_window if "sliding_attention" in lm.layer_types else None
         self._wide: _Model | None = None  # the window-widened handle, opened on the first long prefix
+        self.row_limit = self.max_sequences
         self._free_seqs = list(range(self.max_sequences))
+        self._lock = threading.RLock()  # every call into llama.cpp; a context is not thread-safe
+        self._seqs_freed = threading.Condition(self._lock)
         self._table = _EmbeddingTable(self.path)
         self._embed_scale = np.float32(1.0 / math.sqrt(lm.hidden_size))
 
@@ -281,28 +287,49 @@ class LlamaCppDecoder:
     def load(cls, manifest: Manifest, options: LlamaCppOptions) -> LlamaCppDecoder:
         return cls(manifest, options)
 
+    def _flash_attention(self, asked: bool | None, full_precision: bool) -> bool:
+        """Off for full-precision exports (exact); on for quantized ones (a 16-bit cache, no score matrices) —
+        except where Gemma 2's sliding window is shorter than a sequence's context and several sequences decode
+        together: there llama.cpp's flash-attention kernel gives a row of a batch other tokens than the same row
+        alone (measured: tests/test_llamacpp.py), and batch-mates must never matter."""
+        if asked is not None:
+            return asked
+        windowed = self.sliding_window is not None and self.sliding_window < self.context_tokens
+        return not full_precision and not (windowed and self.max_sequences > 1)
+
     # ------------------------------------------------------------------ sequences
-    def new_cache(self, batch_size: int) -> LlamaCppCache:
-        if batch_size > len(self._free_seqs):
+    def free_rows(self) -> int:
+        with self._lock:
+            return len(self._free_seqs)
+
+    def new_cache(self, batch_size: int, wait: bool = True) -> LlamaCppCache:
+        if batch_size > self.max_sequences:
             raise GenerationError(
-                f"the llama.cpp decoder holds {self.max_sequences} sequences at once and "
-                f"{self.max_sequences - len(self._free_seqs)} are in use; {batch_size} more were asked for. Load "
-                "with a larger max_sequences (PaliGemma.load(..., max_sequences=N))."
+                f"the llama.cpp decoder holds {self.max_sequences} sequences at once; {batch_size} were asked for in "
+                "one cache. Load with a larger max_sequences (PaliGemma.load(..., max_sequences=N))."
             )
-        seqs = [self._free_seqs.pop(0) for _ in range(batch_size)]
-        for seq in seqs:
-            self.main.remove(seq)
+        with self._seqs_freed:
+            while len(self._free_seqs) < batch_size:
+                if not wait:
+                    raise RowsBusy(f"{batch_size} sequences asked for, {len(self._free_seqs)} free")
+                self._seqs_freed.wait()
+            seqs = [self._free_seqs.pop(0) for _ in range(batch_size)]
+            for seq in seqs:
+                self.main.remove(seq)
         return LlamaCppCache(self, seqs, [0] * batch_size)
 
     def release(self, seqs: Sequence[int]) -> None:
-        for seq in list(seqs):
-            self.main.remove(seq)
-            self._free_seqs.append(seq)
+        with self._seqs_freed:
+            for seq in list(seqs):
+                self.main.remove(seq)
+                self._free_seqs.append(seq)
+            self._seqs_freed.notify_all()
 
     def close(self) -> None:
-        for model in (self.main, self._wide):
-            if model is not None:
-                model.close()
+        with self._lock:
+            for model in (self.main, self._wide):
+                if model is not None:
+                    model.close()
 
     # ------------------------------------------------------------------ decoding
     def _embeddings(self, ids: np.ndarray, image_rows: np.ndarray | None) -> np.ndarray:
@@ -322,9 +349,12 @@ class LlamaCppDecoder:
         """One row's prefix tokens in one non-causal call (through the widened handle when the window is short)."""
         count = len(columns)
         if count > self.batch_tokens:
+            images = int((chunk.input_ids[row, columns] == IMAGE_SLOT).sum())
             raise GenerationError(
-                f"a prefix of {count} tokens exceeds the llama.cpp micro-batch of {self.batch_tokens}: its "
-                "bidirectional attention cannot be split. Shorten the prompt or load with a larger context_tokens."
+                f"a prefix of {count} tokens ({images} image + {count - images} prompt) does not fit the llama.cpp "
+                f"context's {self.context_tokens} tokens per sequence (a prefix is decoded in one call: its attention "
+                f"is bidirectional). Shorten the prompt, or load with context_tokens of at least the prefix plus the "
+                "tokens to generate (PaliGemma.load(..., context_tokens=N))."
             )
         seq = cache.seqs[row]
         image = None if chunk.image_embeds is None else chunk.image_embeds[row, columns]
@@ -377,6 +407,10 @@ class LlamaCppDecoder:
     def forward(self, cache: LlamaCppCache, chunk: DecoderChunk) -> np.ndarray:
         if cache.decoder is not self:
             raise GenerationError("this cache belongs to another decoder.")
+        with self._lock:
+            return self._forward(cache, chunk)
+
+    def _forward(self, cache: LlamaCppCache, chunk: DecoderChunk) -> np.ndarray:
         batch, _ = chunk.input_ids.shape
         logits: dict[tuple[int, int], np.ndarray] = {}
         wanted = [set(chunk.logits_at[row].tolist()) for row in range(batch)]

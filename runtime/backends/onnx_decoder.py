@@ -170,7 +170,12 @@ class OnnxDecoder:
             return None
         return shrink_arena_after()
 
-    def new_cache(self, batch_size: int) -> OnnxCache:
+    row_limit = None  # caches are host arrays or device values of any batch
+
+    def free_rows(self) -> None:
+        return None
+
+    def new_cache(self, batch_size: int, wait: bool = True) -> OnnxCache:
         shape = len(self.cache_names), batch_size, self.kv_heads, self.head_dim
         kv: KVBuffers | DeviceKVBuffers
         if self.cache_ops is None:
