@@ -115,6 +115,23 @@ def detection_summary(per_image: Sequence[Matches]) -> dict[str, float]:
     }
 
 
+SCORE_EDGES = tuple(i / 10 for i in range(11))  # the bins of `precision_by_score`: tenths
+
+
+def precision_by_score(per_image: Sequence[Matches], edges: Sequence[float] = SCORE_EDGES) -> list[dict]:
+    """Per score bin [low, high) (the last one closed): how many detections scored in it and what share of them
+    matched a ground-truth box — whether a higher score means a better box (empty bins left out)."""
+    hits = np.array([h for m in per_image for h in m.true_positive], dtype=bool)
+    scores = np.array([s for m in per_image for s in m.scores], dtype=np.float64)
+    rows = []
+    for index, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+        last = index == len(edges) - 2
+        inside = (scores >= low) & ((scores <= high) if last else (scores < high))
+        if inside.any():
+            rows.append({"score": [low, high], "objects": int(inside.sum()), "precision": float(hits[inside].mean())})
+    return rows
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0

@@ -13,6 +13,7 @@ import torch
 
 from ..runtime import export_format as fmt
 from ..runtime.console import quiet
+from . import shortlisted_head
 from .attention import CUSTOM_TRANSLATIONS, QUERY_CHUNK, chunked_vision_attention, expand_chunked_attention
 from .decoder import ExportableDecoder
 from .vision import ExportableVision
@@ -113,4 +114,7 @@ def export_decoder(hf_model, path: Path, query_chunk: int = QUERY_CHUNK) -> dict
     outputs = [fmt.LOGITS, *fmt.cache_output_names(layers)]
     program = _export(module, args, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic)
     _save(program, path, rename_other_dims="total_seq")
-    return {"inputs": inputs, "outputs": outputs, "sliding": module.has_sliding_layers}
+    model = onnx.load(str(path), load_external_data=False)
+    shortlisted_head.wrap(model)
+    onnx.save(model, str(path))
+    return {"inputs": [*inputs, fmt.VOCAB_ROWS], "outputs": outputs, "sliding": module.has_sliding_layers}

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "quant",
     "runtime",
     "eval",
+    "label",
     "serve",
     "benchmarks",
     "random_checkpoints",
@@ -30,6 +31,8 @@ EXTRA_OF = {
     **dict.fromkeys(["psutil", "matplotlib"], "bench"),
     **dict.fromkeys(["starlette", "uvicorn", "prometheus_client"], "serve"),
     **dict.fromkeys(["llama_cpp", "gguf"], "llamacpp"),
+    **dict.fromkeys(["pyarrow", "pycocotools"], "label"),
+    "ray": "ray",
 }
 
 

@@ -129,6 +129,13 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--write-manifest", action="store_true", help="also record the summary under 'quality' in QUANT_DIR's manifest"
     )
+    parser.add_argument(
+        "--no-grammar",
+        dest="grammar",
+        action="store_false",
+        help="detect / segment prompts generate freely, not under the grounding grammar (with --sweep --data: "
+        "eval's too)",
+    )
     add_model_options(parser)
     add_json_option(parser)
 
@@ -159,12 +166,14 @@ def compare(args: argparse.Namespace) -> int:
                 args.block_size or DEFAULT_BLOCK_SIZE,
                 not args.asymmetric,
                 examples,
+                args.grammar,
             )
         print(json.dumps(rows, indent=2) if args.json else sweep_table(rows))
         return 0
     if args.quant_dir is None:
         raise PaliGemmaEdgeError("compare needs QUANT_DIR (or --sweep).")
-    report = compare_exports(load_model(args, args.ref_dir), load_model(args, args.quant_dir), images, prompt_list)
+    reference, candidate = load_model(args, args.ref_dir), load_model(args, args.quant_dir)
+    report = compare_exports(reference, candidate, images, prompt_list, grammar=args.grammar)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     if args.write_manifest:
         store_in_manifest(report)

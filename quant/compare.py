@@ -170,7 +170,10 @@ def compare_exports(
     images: list[tuple[str, object]],
     prompt_list: list[str],
     continuation_tokens: int = CONTINUATION_TOKENS,
+    grammar: bool = True,
 ) -> QualityReport:
+    """``grammar``: `detect` / `segment` prompts generate under the grounding grammar (both exports), so a recipe's
+    cost reads as the boxes a user of the typed APIs gets."""
     check_same_model(reference, candidate)
     report = QualityReport(
         reference=str(reference.manifest.directory),
@@ -184,15 +187,15 @@ def compare_exports(
         if name not in encoded:
             encoded[name] = (reference.encode_image(image), candidate.encode_image(image))
         ref_features, cand_features = encoded[name]
-        ref_result = reference.generate(ref_features, prompt, max_new_tokens=continuation_tokens)
-        cand_result = candidate.generate(cand_features, prompt, max_new_tokens=continuation_tokens)
+        constrained = grammar and tasks.is_grounding(prompt)
+        ref_result = reference.generate(ref_features, prompt, continuation_tokens, constrained=constrained)
+        cand_result = candidate.generate(cand_features, prompt, continuation_tokens, constrained=constrained)
         continuation = ref_result.token_ids
         ref_logits = reference.score(ref_features, prompt, continuation)
         cand_logits = candidate.score(cand_features, prompt, continuation)
         agreement, kl, cosine = logit_metrics(ref_logits, cand_logits)
         iou = None
-        task = tasks.task_of(prompt)
-        if task is not None and task.localizes:
+        if tasks.is_grounding(prompt):
             iou = matched_box_iou(
                 reference.objects_from(ref_result, ref_features), candidate.objects_from(cand_result, cand_features)
             )

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..export.exporter import ExportSettings, export_model
-from ..runtime.export_format import Manifest
+from ..runtime.errors import QuantizationError
+from ..runtime.export_format import Manifest, Precision
 from ..runtime.model import PaliGemma
 from ..runtime.output_dirs import check_output_dir, owned_partial, publish_dir, storage_full_as_typed_error
 from ..runtime.recipes import Recipe
@@ -20,6 +21,11 @@ def export_quantized(
     """The fp32 export (verified against transformers) lives in a scratch directory beside OUT and is
     deleted afterwards; OUT appears, whole, with the quantized export and its quality summary."""
     check_recipe_fits(recipe, settings.backend, f"--backend {settings.backend} makes")  # before any work
+    if settings.dtype != Precision.FP32:
+        raise QuantizationError(
+            f"--quant {recipe.name} quantizes an fp32 export and its recipe sets each graph's precision: "
+            f"leave out --dtype {settings.dtype}."
+        )
     out = check_output_dir(out_dir, overwrite)
     with (
         owned_partial(out) as scratch,

@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
+from ..export import shortlisted_head
 from ..runtime import export_format as fmt
 from ..runtime.errors import QuantizationError
 from ..runtime.export_format import DecoderBackend, Graph, Precision, checksum_files, load_manifest
@@ -235,7 +236,14 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_decoder(model: onnx.ModelProto, recipe: OnnxRecipe) -> onnx.ModelProto:
-    return store_cache_in(_quantize_weights(model, recipe), recipe.kv_cache)
+    """The recipe's decoder; a shortlisted LM head (export/shortlisted_head.py) is quantized plain, then
+    shortlisted again over its quantized weights."""
+    shortlisted = shortlisted_head.is_wrapped(model)
+    shortlisted_head.unwrap(model)
+    model = store_cache_in(_quantize_weights(model, recipe), recipe.kv_cache)
+    if shortlisted:
+        shortlisted_head.wrap(model)
+    return model
 
 
 def _quantize_weights(model: onnx.ModelProto, recipe: OnnxRecipe) -> onnx.ModelProto:

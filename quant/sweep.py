@@ -43,7 +43,10 @@ def run_sweep(
     block_size: int = DEFAULT_BLOCK_SIZE,
     symmetric: bool = True,
     eval_examples: list[Example] | None = None,
+    grammar: bool = True,
 ) -> list[dict]:
+    """One row per component × precision of SWEEP (and the reference's first, with ``eval_examples``); ``grammar``:
+    detect / segment prompts under the grounding grammar, in the comparison and the eval alike."""
     reference = PaliGemma.load(reference_dir, verify_checksums=False)
     rows = []
     if eval_examples:
@@ -54,7 +57,7 @@ def run_sweep(
                 "graph": "vision + decoder",
                 "bytes": sum(reference.manifest.graph_bytes(graph) for graph in (Graph.VISION, Graph.DECODER)),
                 "size_ratio": 1.0,
-                "tasks": evaluate(reference, eval_examples),
+                "tasks": evaluate(reference, eval_examples, grammar),
             }
         )
     for component, precisions, graph in SWEEP:
@@ -63,7 +66,7 @@ def run_sweep(
         out = work_dir / recipe.name.replace(" ", "_").replace("(", "").replace(")", "")
         manifest = quantize_export(reference_dir, out, recipe)
         candidate = PaliGemma.load(out, verify_checksums=False)
-        report = compare_exports(reference, candidate, images, prompt_list)
+        report = compare_exports(reference, candidate, images, prompt_list, grammar=grammar)
         before = reference.manifest.graph_bytes(graph)
         after = manifest.graph_bytes(graph)
         rows.append(
@@ -77,7 +80,7 @@ def run_sweep(
             }
         )
         if eval_examples:
-            rows[-1]["tasks"] = evaluate(candidate, eval_examples)
+            rows[-1]["tasks"] = evaluate(candidate, eval_examples, grammar)
         shutil.rmtree(out)
     return rows
 

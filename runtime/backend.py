@@ -32,6 +32,7 @@ class DecoderChunk:
     is_suffix: np.ndarray  # bool: False = prefix token (image + <bos> + prompt + "\n", bidirectional)
     valid: np.ndarray  # bool: False = padding, invisible to every token
     logits_at: np.ndarray  # int64 [B, L]: indices into Q whose logits are returned
+    vocab_rows: np.ndarray | None = None  # sorted vocabulary ids: logits for these only (None: every id)
 
     @property
     def batch_size(self) -> int:
@@ -88,7 +89,8 @@ class Decoder(Protocol[CacheT]):
         ...
 
     def forward(self, cache: CacheT, chunk: DecoderChunk) -> np.ndarray:
-        """Append the chunk to the cache and return float32 logits [B, L, vocab] at ``chunk.logits_at``."""
+        """Append the chunk to the cache and return float32 logits [B, L, vocab] at ``chunk.logits_at`` ([B, L, K]
+        for the K ids of ``chunk.vocab_rows`` when given)."""
         ...
 
 

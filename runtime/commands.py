@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import spec
+from . import spec, tasks
 from .arguments import (
     Command,
     add_generation_options,
@@ -33,6 +33,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "(big_vision)",
     )
     parser.add_argument("--iou-threshold", type=float, default=None, help="per-label NMS of detected boxes")
+    parser.add_argument(
+        "--no-grammar",
+        dest="grammar",
+        action="store_false",
+        help="detect / segment prompts: decode freely, not under the grounding grammar (runtime/grammar.py)",
+    )
     parser.add_argument("--draw", type=Path, default=None, help="write the image with boxes/masks to this PNG")
     add_json_option(parser)
 
@@ -47,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args, args.export_dir)
     load_s = time.perf_counter() - start
     features = model.encode_image(args.image)
-    result = model.generate(features, args.prompt, **generation_options(args))
+    constrained = args.grammar and tasks.is_grounding(args.prompt)
+    result = model.generate(features, args.prompt, constrained=constrained, **generation_options(args))
     parsed = model.objects_from(result, features, args.divisor, args.iou_threshold)
     if args.draw:
         draw_objects(args.image, parsed.objects, args.draw)

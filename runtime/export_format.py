@@ -88,6 +88,7 @@ LOGITS_POSITIONS = "logits_positions"
 ATTENTION_MASK = "attention_mask"
 SLIDING_ATTENTION_MASK = "sliding_attention_mask"
 LOGITS = "logits"
+VOCAB_ROWS = "vocab_rows"  # int64 [K] sorted ids: logits for these only; empty: every id (export/shortlisted_head.py)
 DECODER_INPUTS = (INPUT_IDS, IMAGE_EMBEDS, POSITION_IDS, LOGITS_POSITIONS, ATTENTION_MASK)
 
 # mask decoder graph: codes [B, 16] int64 → mask_logits [B, 64, 64]

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
-from . import sampling
+from . import sampling, spec
 from .backend import Decoder, DecoderCache, DecoderChunk, RowsBusy
 from .checks import is_int, is_number
 from .errors import GenerationError
 from .export_format import IMAGE_SLOT, TokenIds
+from .grammar import GroundingGrammar
 from .masks import positions_from_valid
 
 FINISH_EOS, FINISH_LENGTH, FINISH_STOP = "eos", "length", "stop"
@@ -37,6 +38,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()  # stop when the text contains one; the text ends before it
     ignore_eos: bool = False  # always max_new_tokens tokens (benchmarks)
+    constrained: bool = False  # detect / segment prompts: decode under the grounding grammar (grammar.py)
 
     @classmethod
     def from_options(cls, base: GenerationConfig | None = None, **options) -> GenerationConfig:
@@ -75,6 +77,10 @@ class GenerationConfig:
             raise GenerationError(f"stop must be non-empty strings, got {config.stop!r}.", "stop")
         if not isinstance(config.ignore_eos, bool):
             raise GenerationError(f"ignore_eos must be true or false, got {config.ignore_eos!r}.", "ignore_eos")
+        if not isinstance(config.constrained, bool):
+            raise GenerationError(f"constrained must be true or false, got {config.constrained!r}.", "constrained")
+        if config.constrained and (config.ignore_eos or config.stop):
+            raise GenerationError("a grammar-constrained decode ends where its grammar does: no ignore_eos or stop.")
         return config
 
     @property
@@ -89,7 +95,8 @@ class Timings:
     preprocess_s: float = 0.0
     vision_s: float = 0.0
     prefill_s: float = 0.0  # the prefix through the decoder, and the first token chosen
-    step_s: list[float] = field(default_factory=list)  # each later token
+    step_s: list[float] = field(default_factory=list)  # each later decoder step
+    forced_tokens: int = 0  # tokens a grammar left no choice for: fed with the step before, no step of their own
 
     @property
     def ttft_s(self) -> float:
@@ -97,7 +104,8 @@ class Timings:
 
     @property
     def decode_tok_s(self) -> float:
-        return len(self.step_s) / sum(self.step_s) if self.step_s else 0.0
+        """Tokens after the first per second of decoding (forced tokens count: they arrive with a step)."""
+        return (len(self.step_s) + self.forced_tokens) / sum(self.step_s) if self.step_s else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -106,6 +114,7 @@ class Timings:
             "prefill_s": self.prefill_s,
             "ttft_s": self.ttft_s,
             "decode_steps": len(self.step_s),
+            "forced_tokens": self.forced_tokens,
             "decode_tok_s": self.decode_tok_s,
         }
 
@@ -125,6 +134,9 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     token_logprobs: list[float] = field(default_factory=list)  # log p of each generated token
+    # p of each token under the logits row it was chosen from (the whole vocabulary, or a grammar's shortlist);
+    # for a <loc> token, of the bins within spec.LOC_SCORE_WINDOW of it; 1 for a token a grammar forced
+    token_confidences: list[float] = field(default_factory=list)
     prompt: str = ""
     finish_reason: str = FINISH_LENGTH  # "eos", "length" or "stop"
     prompt_tokens: int = 0
@@ -187,6 +199,7 @@ class RunningSequence:
         detokenize: Callable[[list[int]], str],
         prompt: str = "",
         timings: Timings | None = None,
+        grammar: GroundingGrammar | None = None,
     ):
         self.prompt_ids = prompt_ids
         self.image_features = image_features  # [num_image_tokens, hidden], fills the <image> slots
@@ -196,12 +209,18 @@ class RunningSequence:
         self.max_new_tokens: int = config.max_new_tokens
         self.eos = frozenset(tokens.eos)
         self.image_token = tokens.image
+        self.loc0 = tokens.loc0
         self.detokenize = detokenize
         self.prompt = prompt
         self.timings = timings or Timings()
-        self.token_ids: list[int] = []
+        self.token_ids: list[int] = []  # the output
         self.token_logprobs: list[float] = []
-        self.pending: int | None = None  # chosen, not yet fed to the decoder
+        self.token_confidences: list[float] = []  # GenerationResult.token_confidences
+        self.generated = 0  # tokens generated, the output's and any a grammar kept out of it
+        self.pending: list[int] = []  # chosen (and forced), not yet fed to the decoder
+        self.grammar = grammar
+        self.allowed: np.ndarray | None = None  # the grammar's ids for the token being chosen (`prepare`)
+        self.needed: np.ndarray | None = None  # the ids it asked the decoder for (`prepare`; None: all)
         self.next_position = 0
         self.finish_reason: str | None = None
         self.rng = np.random.default_rng(config.seed)
@@ -211,42 +230,142 @@ class RunningSequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def choose(self, logits: np.ndarray) -> TokenEvent:
-        """Pick the next token from this sequence's logits row and decide whether it is the last."""
+    @property
+    def settled_ids(self) -> list[int]:
+        """The output tokens a grammar can no longer take back (all of them when decoding freely or finished):
+        what a stream may show."""
+        if self.grammar is None or self.finished:
+            return self.token_ids
+        return self.token_ids[: len(self.token_ids) - self.grammar.unsettled]
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - self.generated
+
+    def prepare(self) -> np.ndarray | None:
+        """Before a decoder call: the vocabulary ids whose logits this sequence needs (None: all of them)."""
+        self.needed = self._needed()
+        return self.needed
+
+    def _needed(self) -> np.ndarray | None:
+        grammar = self.grammar
+        allowed = None if grammar is None else grammar.allowed(self.remaining)
+        self.allowed = None if allowed is None else np.sort(allowed)
+        if grammar is None or self.allowed is None:
+            return None
+        if grammar.choosing_label:
+            return None  # whether the model would write an asked label at all needs every id's logit
+        if grammar.in_box:
+            return np.union1d(self.allowed, grammar.escapes)  # and whether it would rather leave the box
+        return self.allowed
+
+    def choose(self, logits: np.ndarray, vocab: np.ndarray | None = None) -> list[TokenEvent]:
+        """Pick the next token from this sequence's logits row (over ``vocab``'s ids, or the whole vocabulary) and
+        decide whether it is the last; then the tokens its grammar leaves no choice for. Under a grammar, choices
+        and log-probabilities are over the allowed tokens only."""
+        row, row_ids = logits, vocab  # for the token's confidence: this sequence's own ids (whatever its batch's)
+        if self.needed is not None and (vocab is None or len(vocab) != len(self.needed)):
+            row = logits[self.needed] if vocab is None else logits[np.searchsorted(vocab, self.needed)]
+            row_ids = self.needed
+        candidates = self.allowed
+        if self.grammar is not None and candidates is not None:
+            left = self._left_for(logits, vocab, candidates)
+            if left is not None:  # not an object of the prompt's: it leaves the output; the model writes on freely
+                self._take_back(self.grammar.escape())
+                candidates = left
+        if candidates is None:
+            candidates = vocab
+        elif vocab is not None:
+            logits = logits[np.searchsorted(vocab, candidates)]
+        else:
+            logits = logits[candidates]
+        index, logprob = self._pick(logits, candidates)
+        token = index if candidates is None else int(candidates[index])
+        events = [self._take(token, logprob, self._confidence(row, row_ids, token))]
+        if self.grammar is not None and not self.finished:
+            for forced in self.grammar.forced(self.remaining):
+                events.append(self._take(forced, 0.0, 1.0, forced=True))
+                if self.finished:
+                    break
+        return events
+
+    def _left_for(self, logits: np.ndarray, vocab: np.ndarray | None, allowed: np.ndarray) -> np.ndarray | None:
+        """Where the model prefers a token outside the grammar that shows it is not writing an asked object — a
+        label's first token nobody asked for (over the whole vocabulary), or ending, separating or labelling inside
+        a box (over the box's tokens and those) — the ids its next token is chosen from (None: every id); else
+        None, and it stays in the grammar. The same decision whatever the batch-mates' shortlists."""
+        assert self.grammar is not None
+        if self.grammar.choosing_label:
+            assert vocab is None, "a label's first token is chosen over the whole vocabulary"
+            return None if int(logits.argmax()) in set(allowed.tolist()) else np.arange(len(logits))
+        if not self.grammar.in_box:
+            return None
+        ids = np.union1d(allowed, self.grammar.escapes)
+        scores = logits[np.searchsorted(vocab, ids)] if vocab is not None else logits[ids]
+        return None if int(ids[int(scores.argmax())]) in set(allowed.tolist()) else ids
+
+    def _pick(self, logits: np.ndarray, candidates: np.ndarray | None) -> tuple[int, float]:
+        """(index into ``logits``, its log-probability) under this sequence's decoding settings."""
         config = self.config
         top = None
         if config.greedy:
-            token = int(logits.argmax())
-            top = float(logits[token])
+            index = int(logits.argmax())
+            top = float(logits[index])
         else:
             scores = logits
             if config.repetition_penalty != 1.0:
                 scores = sampling.apply_repetition_penalty(
-                    scores, [*self.prompt_ids, *self.token_ids], config.repetition_penalty
+                    scores, [*self.prompt_ids, *self.token_ids], config.repetition_penalty, candidates
                 )
             if config.temperature == 0:
-                token = int(scores.argmax())
+                index = int(scores.argmax())
             else:
                 scores = scores / config.temperature
                 if config.top_k is not None:
                     scores = sampling.filter_top_k(scores, config.top_k)
                 if config.top_p is not None:
                     scores = sampling.filter_top_p(scores, config.top_p)
-                token = sampling.sample(scores, self.rng)
-        logprob = sampling.log_prob(logits, token, top)
-        if token in self.eos and not config.ignore_eos:
-            self.finish_reason = FINISH_EOS
-            return TokenEvent(self, token, logprob, self.finish_reason)
-        self.token_ids.append(token)
-        self.token_logprobs.append(logprob)
-        self.pending = token
+                index = sampling.sample(scores, self.rng)
+        return index, sampling.log_prob(logits, index, top)
+
+    def _confidence(self, logits: np.ndarray, ids: np.ndarray | None, token: int) -> float:
+        loc0 = self.loc0
+        if loc0 <= token < loc0 + spec.NUM_LOC_TOKENS:
+            window = spec.LOC_SCORE_WINDOW
+            low, high = max(loc0, token - window), min(loc0 + spec.NUM_LOC_TOKENS - 1, token + window)
+            return sampling.probability_between(logits, ids, low, high)
+        return sampling.probability_between(logits, ids, token, token)
+
+    def _take_back(self, count: int) -> None:
+        for values in (self.token_ids, self.token_logprobs, self.token_confidences):
+            del values[len(values) - count :]
+
+    def _take(self, token: int, logprob: float, confidence: float, forced: bool = False) -> TokenEvent:
+        """Append a chosen (or forced) token, or end on eos; under a grammar, a token kept out of the output is
+        still fed to the decoder."""
+        in_output = True if self.grammar is None else self.grammar.advance(token)
+        self.timings.forced_tokens += forced
+        if token in self.eos and not self.config.ignore_eos:
+            return self._finish(FINISH_EOS, token, logprob)
+        self.generated += 1
+        self.pending.append(token)
+        if in_output:
+            self.token_ids.append(token)
+            self.token_logprobs.append(logprob)
+            self.token_confidences.append(confidence)
         if self.text is not None:
             self.text.update(self.token_ids)
             if self.text.final is not None:
-                self.finish_reason = FINISH_STOP
-        if self.finish_reason is None and len(self.token_ids) >= self.max_new_tokens:
-            self.finish_reason = FINISH_LENGTH
-        return TokenEvent(self, token, logprob, self.finish_reason)
+                return self._finish(FINISH_STOP, token, logprob)
+        if self.generated >= self.max_new_tokens:
+            return self._finish(FINISH_LENGTH, token, logprob)
+        return TokenEvent(self, token, logprob, None)
+
+    def _finish(self, reason: str, token: int, logprob: float) -> TokenEvent:
+        self.finish_reason = reason
+        if self.grammar is not None and self.grammar.open_separator:  # a separator no object followed
+            self._take_back(len(self.grammar.spelling.separator))
+        return TokenEvent(self, token, logprob, reason)
 
     def stop(self, reason: str = FINISH_STOP) -> None:
         """End this sequence early (a client went away); it leaves its batch at the next step."""
@@ -259,6 +378,7 @@ class RunningSequence:
             text=self.detokenize(self.token_ids) if text is None else text,
             token_ids=list(self.token_ids),
             token_logprobs=list(self.token_logprobs),
+            token_confidences=list(self.token_confidences),
             prompt=self.prompt,
             finish_reason=self.finish_reason or FINISH_LENGTH,
             prompt_tokens=len(self.prompt_ids),
@@ -296,6 +416,15 @@ def prefix_chunk(
     return DecoderChunk(ids, embeds, positions_from_valid(valid), is_suffix, valid, logits_at)
 
 
+def shortlist(sequences: Sequence[RunningSequence]) -> np.ndarray | None:
+    """The vocabulary ids a decoder call needs logits for: the union of what the sequences' grammars allow, or
+    None (every id) when any sequence decodes freely."""
+    allowed = [sequence.prepare() for sequence in sequences]
+    if any(ids is None for ids in allowed):
+        return None
+    return np.unique(np.concatenate([ids for ids in allowed if ids is not None]))
+
+
 def teacher_forced_logits(
     decoder: Decoder[Any], prompt_ids: list[int], image_features: np.ndarray, tokens: TokenIds, continuation: list[int]
 ) -> np.ndarray:
@@ -330,9 +459,10 @@ class DecodingBatch:
             return []
         start = time.perf_counter()
         chunk = prefix_chunk([s.prompt_ids for s in new], [s.image_features for s in new], self.tokens)
+        chunk.vocab_rows = shortlist(new)
         cache = self.decoder.new_cache(len(new), wait=not self.sequences)
         logits = self.decoder.forward(cache, chunk)
-        events = [sequence.choose(logits[row, -1]) for row, sequence in enumerate(new)]
+        events = [e for row, s in enumerate(new) for e in s.choose(logits[row, -1], chunk.vocab_rows)]
         for sequence, last in zip(new, chunk.positions[:, -1]):
             sequence.next_position = int(last) + 1
         self.cache = cache if self.cache is None else self.cache.concat([cache])
@@ -349,22 +479,17 @@ class DecodingBatch:
         if not self.sequences:
             return []
         start = time.perf_counter()
-        batch = len(self.sequences)
-        ones = np.ones((batch, 1), dtype=bool)
-        chunk = DecoderChunk(
-            input_ids=np.array([[s.pending] for s in self.sequences], dtype=np.int64),
-            image_embeds=None,
-            positions=np.array([[s.next_position] for s in self.sequences], dtype=np.int64),
-            is_suffix=ones,
-            valid=ones,
-            logits_at=np.zeros((batch, 1), dtype=np.int64),
-        )
+        chunk = suffix_chunk(self.sequences, self.tokens.pad)
+        chunk.vocab_rows = shortlist(self.sequences)
+        fed = [len(sequence.pending) for sequence in self.sequences]
+        for sequence in self.sequences:
+            sequence.pending = []
         assert self.cache is not None  # the running sequences' cache
         logits = self.decoder.forward(self.cache, chunk)
-        events = [sequence.choose(logits[row, 0]) for row, sequence in enumerate(self.sequences)]
+        events = [e for row, s in enumerate(self.sequences) for e in s.choose(logits[row, 0], chunk.vocab_rows)]
         elapsed = time.perf_counter() - start
-        for sequence in self.sequences:
-            sequence.next_position += 1
+        for sequence, count in zip(self.sequences, fed):
+            sequence.next_position += count
             sequence.timings.step_s.append(elapsed)
         self._drop_finished()
         return events
@@ -377,29 +502,54 @@ class DecodingBatch:
         self.cache = self.cache.select(keep) if keep and self.cache is not None else None
 
 
-def run_to_completion(batch: DecodingBatch, sequences: Sequence[RunningSequence]) -> Iterator[TokenEvent]:
+def suffix_chunk(sequences: Sequence[RunningSequence], pad: int) -> DecoderChunk:
+    """Each sequence's pending tokens (its choice, and the tokens a grammar forced after it) as one chunk: rows
+    right-padded to the longest, logits at each row's last token."""
+    width = max(len(sequence.pending) for sequence in sequences)
+    batch = len(sequences)
+    ids = np.full((batch, width), pad, dtype=np.int64)
+    valid = np.zeros((batch, width), dtype=bool)
+    positions = np.zeros((batch, width), dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        count = len(sequence.pending)
+        ids[row, :count] = sequence.pending
+        valid[row, :count] = True
+        positions[row] = sequence.next_position + np.minimum(np.arange(width), count - 1)
+    logits_at = np.array([[len(sequence.pending) - 1] for sequence in sequences], dtype=np.int64)
+    return DecoderChunk(ids, None, positions, np.ones_like(valid), valid, logits_at)
+
+
+def run_to_completion(
+    batch: DecodingBatch, sequences: Iterable[RunningSequence], max_running: int | None = None
+) -> Iterator[TokenEvent]:
     """Join ``sequences`` and step until all are finished, yielding every event (a generator).
 
-    A decoder with a row limit takes them in waves: as many join as there are rows, and each finished one makes room
-    for the next (continuous batching); a sequence's tokens are the same in any wave. Rows another thread holds
-    are waited for only while this batch holds none."""
-    waiting = deque(sequences)
-    limit = batch.decoder.row_limit
-    while waiting or batch.sequences:
-        if waiting:
-            room = batch.room()
-            if room is None:
-                count = len(waiting)
-            elif room > 0 or not batch.sequences:  # an empty batch may wait for rows
-                count = min(len(waiting), max(room, 1), limit or len(waiting))
-            else:
-                count = 0
-            if count:
-                joining = [waiting[i] for i in range(count)]
-                try:
-                    yield from batch.join(joining)
-                except RowsBusy:  # another thread took the rows between room() and join: try after a step
-                    joining = []
-                for _ in joining:
-                    waiting.popleft()
+    A decoder with a row limit (or ``max_running``) takes them in waves: as many join as there is room for, and
+    each finished one makes room for the next (continuous batching); a sequence's tokens are the same in any wave.
+    ``sequences`` is read only as room opens, so it may be a generator over a long stream. Rows another thread
+    holds are waited for only while this batch holds none."""
+    source, waiting, exhausted = iter(sequences), deque[RunningSequence](), False
+    while True:
+        running = len(batch.sequences)
+        caps = [cap for cap in (batch.room(), batch.decoder.row_limit) if cap is not None]
+        caps += [] if max_running is None else [max_running - running]
+        room = min(caps) if caps else None
+        if room is not None and room <= 0 and not running:
+            room = 1  # an empty batch may wait for rows
+        while not exhausted and (room is None or len(waiting) < room):
+            try:
+                waiting.append(next(source))
+            except StopIteration:
+                exhausted = True
+        if exhausted and not waiting and not running:
+            return
+        count = len(waiting) if room is None else min(len(waiting), max(room, 0))
+        if count:
+            joining = [waiting[i] for i in range(count)]
+            try:
+                yield from batch.join(joining)
+            except RowsBusy:  # another thread took the rows between room() and join: try after a step
+                joining = []
+            for _ in joining:
+                waiting.popleft()
         yield from batch.step()

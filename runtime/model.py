@@ -32,6 +32,7 @@ from .generation import (
     run_to_completion,
     teacher_forced_logits,
 )
+from .grammar import GroundingGrammar, Spelling, spell
 from .images import ImageInput, load_image, preprocess
 from .outputs import ParsedOutput, non_max_suppression, parse_output
 from .segmentation import NO_MASK_DECODER_NOTE, MaskDecoder, paste_mask
@@ -64,6 +65,7 @@ class PaliGemma:
         self.decoder = decoder
         self.mask_decoder = mask_decoder
         self.tokens = manifest.tokens
+        self._spellings: dict[str, Spelling] = {}  # grounding prompts' label and separator tokens
 
     @classmethod
     def load(
@@ -201,15 +203,25 @@ class PaliGemma:
         configs = [config.validated(tasks.default_max_new_tokens(p)) for p in prompts]
         for ids, cfg in zip(prompt_ids, configs):
             self._check_length(len(ids), int(cfg.max_new_tokens or 0))  # validated: an integer >= 1
+        grammars = [self.grammar(p) if cfg.constrained else None for p, cfg in zip(prompts, configs)]
         if not images:
             raise ImageError("No image given.")
         features = self.encode_images(images)
         sequences = []
-        for ids, encoded, cfg, prompt in zip(prompt_ids, features, configs, prompts):
+        for ids, encoded, cfg, prompt, grammar in zip(prompt_ids, features, configs, prompts, grammars):
             # the encode that made these features, also when it ran before this call (ImageFeatures passed in)
             timings = Timings(preprocess_s=encoded.timings.preprocess_s, vision_s=encoded.timings.vision_s)
-            sequences.append(RunningSequence(ids, encoded.features, cfg, self.tokens, self.decode, prompt, timings))
+            sequences.append(
+                RunningSequence(ids, encoded.features, cfg, self.tokens, self.decode, prompt, timings, grammar)
+            )
         return sequences
+
+    def grammar(self, prompt: str) -> GroundingGrammar:
+        """The grounding grammar of a `detect` / `segment` prompt (PromptError for other prompts)."""
+        key = prompt.strip()
+        if key not in self._spellings:
+            self._spellings[key] = spell(self.tokenizer, prompt)
+        return GroundingGrammar(self._spellings[key], self.tokens)
 
     # ----------------------------------------------------------------- public generation API
     @overload
@@ -305,7 +317,7 @@ class PaliGemma:
         sequence = None
         for event in self.stream_tokens(image, prompt, config=config):
             sequence = event.sequence
-            piece = text.update(sequence.token_ids)
+            piece = text.update(sequence.settled_ids)
             if piece:
                 yield piece
         if sequence is not None:
@@ -358,14 +370,16 @@ class PaliGemma:
         max_new_tokens: int | None = None,
         divisor: float = spec.LOC_DIVISOR_HF,
         iou_threshold: float | None = None,
+        constrained: bool = True,
         **options,
     ) -> ParsedOutput:
         """Boxes in pixels of the original image (x0, y0, x1, y1) with scores, one object per instance.
 
-        ``iou_threshold`` applies per-label non-maximum suppression.
+        ``iou_threshold`` applies per-label non-maximum suppression. ``constrained`` (default): decoded under the
+        grounding grammar (runtime/grammar.py): every object whole, labelled with one of ``labels``, none repeated.
         """
         prompt = tasks.TASKS["detect"].build(labels)
-        return self.localize(image, prompt, max_new_tokens, divisor, iou_threshold, **options)
+        return self.localize(image, prompt, max_new_tokens, divisor, iou_threshold, constrained=constrained, **options)
 
     def segment(
         self,
@@ -375,14 +389,18 @@ class PaliGemma:
         divisor: float = spec.LOC_DIVISOR_HF,
         iou_threshold: float | None = None,
         soft_masks: bool = False,
+        constrained: bool = True,
         **options,
     ) -> ParsedOutput:
         """Objects with boxes, scores, `<seg>` codes and ``.mask`` (H×W bool; float with ``soft_masks``).
 
-        Without a mask decoder in the export, masks stay None and ``.notes`` says how to add one.
+        Without a mask decoder in the export, masks stay None and ``.notes`` says how to add one. ``constrained``:
+        as for `detect`.
         """
         prompt = tasks.TASKS["segment"].build(labels)
-        return self.localize(image, prompt, max_new_tokens, divisor, iou_threshold, soft_masks, **options)
+        return self.localize(
+            image, prompt, max_new_tokens, divisor, iou_threshold, soft_masks, constrained=constrained, **options
+        )
 
     def localize(
         self,
@@ -392,14 +410,19 @@ class PaliGemma:
         divisor: float = spec.LOC_DIVISOR_HF,
         iou_threshold: float | None = None,
         soft_masks: bool = False,
+        constrained: bool | None = None,
         **options,
     ) -> ParsedOutput:
-        """Run any prompt (e.g. a fine-tuned RefCOCO referring expression) and parse its output into objects."""
+        """Run any prompt (e.g. a fine-tuned RefCOCO referring expression) and parse its output into objects.
+        ``constrained`` None: under the grounding grammar for `detect` / `segment` prompts, freely otherwise."""
+        if constrained is None:
+            constrained = tasks.is_grounding(prompt)
         features = self.encode_image(image)
         result = self.generate(
             features,
             prompt,
             spec.DEFAULT_MAX_NEW_TOKENS_LOCALIZATION if max_new_tokens is None else max_new_tokens,
+            constrained=constrained,
             **options,
         )
         return self.objects_from(result, features, divisor, iou_threshold, soft_masks)
@@ -413,9 +436,8 @@ class PaliGemma:
         soft_masks: bool = False,
     ) -> ParsedOutput:
         """Parse a generation into scored objects (and masks where `<seg>` codes and a decoder exist)."""
-        loc_ids = range(self.tokens.loc0, self.tokens.loc0 + spec.NUM_LOC_TOKENS)
-        loc_logprobs = [lp for t, lp in zip(result.token_ids, result.token_logprobs) if t in loc_ids]
-        parsed = parse_output(result.text, features.width, features.height, divisor, loc_logprobs)
+        loc_scores, label_scores = self._object_scores(result)
+        parsed = parse_output(result.text, features.width, features.height, divisor, loc_scores, label_scores)
         if iou_threshold is not None:
             parsed.objects = non_max_suppression(parsed.objects, iou_threshold)
         with_codes = [obj for obj in parsed.objects if obj.seg_codes is not None]
@@ -426,6 +448,32 @@ class PaliGemma:
             for obj, mask_logits in zip(with_codes, logits):
                 obj.mask = paste_mask(mask_logits, obj.box, features.width, features.height, soft_masks)
         return parsed
+
+    def _object_scores(self, result: GenerationResult) -> tuple[list[float] | None, dict[int, float]]:
+        """Each <loc> token's confidence, and each label's probability (the product of its tokens') by the index
+        of the first <loc> of the run of <loc> / <seg> tokens before it (outputs.parse_output)."""
+        if len(result.token_confidences) != len(result.token_ids):  # a result made elsewhere
+            return None, {}
+        loc0, seg0 = self.tokens.loc0, self.tokens.seg0
+        separators = {self.tokenizer.token_to_id(piece) for piece in ("▁;", ";")} - {None}
+        loc_scores: list[float] = []
+        label_scores: dict[int, float] = {}
+        run_start: int | None = None  # index of the first <loc> of the object being read
+        in_label = False
+        for token, confidence in zip(result.token_ids, result.token_confidences):
+            is_loc = loc0 <= token < loc0 + spec.NUM_LOC_TOKENS
+            if is_loc and (run_start is None or in_label):  # a box begins
+                run_start, in_label = len(loc_scores), False
+            if is_loc:
+                loc_scores.append(confidence)
+            elif seg0 <= token < seg0 + spec.NUM_SEG_TOKENS:
+                continue
+            elif token in separators:
+                run_start, in_label = None, False
+            elif run_start is not None:
+                in_label = True
+                label_scores[run_start] = label_scores.get(run_start, 1.0) * confidence
+        return loc_scores, label_scores
 
 
 def _is_batch(value) -> bool:

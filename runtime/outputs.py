@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +33,9 @@ class DetectedObject:
     box: tuple[float, float, float, float]
     box_normalized: tuple[float, float, float, float]
     seg_codes: tuple[int, ...] | None = None
-    score: float | None = None
+    score: float | None = None  # box_score × label_score (box_score alone where the label's is unknown)
+    box_score: float | None = None  # geometric mean over the 4 <loc> of the probability within ±8 bins of each
+    label_score: float | None = None  # the probability of the label's tokens
     mask: Any = None  # H×W bool (or float for soft masks) once a mask decoder ran
 
     def describe(self) -> str:
@@ -54,8 +55,9 @@ class DetectedObject:
             "box_normalized": list(self.box_normalized),
             "bbox_xywh": [x0, y0, x1 - x0, y1 - y0],
         }
-        if self.score is not None:
-            out["score"] = self.score
+        for name in ("score", "box_score", "label_score"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         if self.seg_codes is not None:
             out["seg_codes"] = list(self.seg_codes)
         if self.mask is not None:
@@ -143,14 +145,17 @@ def parse_output(
     width: float,
     height: float,
     divisor: float = spec.LOC_DIVISOR_HF,
-    loc_logprobs: Sequence[float] | None = None,
+    loc_scores: Sequence[float] | None = None,
+    label_scores: Mapping[int, float] | None = None,
 ) -> ParsedOutput:
     """Parse a detect/segment output into pixel boxes for an image of ``width`` × ``height``.
 
     ``divisor`` maps a bin to [0, 1]: 1024 (default, as transformers' users and Google's HF Space
     do) or 1023 (big_vision's evaluator, the exact inverse of training's ``round(v·1023)``).
-    ``loc_logprobs`` — the log-probability of each ``<loc>`` token in order — gives every object a
-    score: the geometric mean of its four loc-token probabilities.
+    ``loc_scores`` — a confidence in [0, 1] of each ``<loc>`` token in order (GenerationResult.token_confidences:
+    the probability of the bins within ±8 of it) — gives every object a ``box_score``, their geometric mean;
+    ``label_scores`` — the label's probability, by the index of the object's first ``<loc>`` — its
+    ``label_score``; ``score`` is their product.
 
     Model output never raises; bad arguments (a size or divisor that is not a positive finite number) do.
     """
@@ -166,9 +171,9 @@ def parse_output(
     current: _Pending | None = None
     spans = _spans(text)
     num_locs = sum(kind == "loc" for kind, _ in spans)
-    if loc_logprobs is not None and len(loc_logprobs) != num_locs:
-        result.dropped.append(f"scores: {len(loc_logprobs)} loc log-probs for {num_locs} <loc> tokens; not scored")
-        loc_logprobs = None
+    if loc_scores is not None and len(loc_scores) != num_locs:
+        result.dropped.append(f"scores: {len(loc_scores)} loc scores for {num_locs} <loc> tokens; not scored")
+        loc_scores = None
     locs_seen = 0
 
     def finish(pending: _Pending | None) -> None:
@@ -178,9 +183,12 @@ def parse_output(
         obj = _make_object(pending, label, width, height, divisor, result.dropped)
         if obj is None:
             return
-        if loc_logprobs is not None:
+        if loc_scores is not None:
             first = pending.first_loc
-            obj.score = float(math.exp(sum(loc_logprobs[first : first + spec.LOC_TOKENS_PER_BOX]) / 4))
+            box = np.clip(np.asarray(loc_scores[first : first + spec.LOC_TOKENS_PER_BOX], np.float64), 1e-300, 1.0)
+            obj.box_score = float(np.exp(np.log(box).mean()))
+            obj.label_score = None if label_scores is None else label_scores.get(first)
+            obj.score = obj.box_score * (1.0 if obj.label_score is None else obj.label_score)
         key = (obj.label, obj.box_normalized, obj.seg_codes)
         if key in seen:
             result.dropped.append(f"duplicate object {obj.label!r} at {list(obj.box_normalized)}")

@@ -17,10 +17,28 @@ def log_prob(logits: np.ndarray, token: int, top: float | None = None) -> float:
     return float(logits[token]) - (top + float(np.log(np.exp(logits - top).sum())))
 
 
-def apply_repetition_penalty(logits: np.ndarray, seen: Iterable[int], penalty: float) -> np.ndarray:
+def probability_between(logits: np.ndarray, ids: np.ndarray | None, low: int, high: int) -> float:
+    """The softmax mass of the ids in [low, high] in a logits row whose entries are ``ids``' (sorted; None: the
+    entries are ids 0…V-1)."""
+    top = float(logits.max())
+    total = float(np.exp(logits - top).sum())
+    if ids is None:
+        inside = logits[max(low, 0) : high + 1]
+    else:
+        inside = logits[np.searchsorted(ids, low) : np.searchsorted(ids, high, side="right")]
+    return float(np.exp(inside - top).sum()) / total
+
+
+def apply_repetition_penalty(
+    logits: np.ndarray, seen: Iterable[int], penalty: float, vocab: np.ndarray | None = None
+) -> np.ndarray:
     """CTRL's penalty as transformers applies it: seen tokens' logits divided by ``penalty`` when
-    positive, multiplied when negative."""
+    positive, multiplied when negative. ``vocab``: the sorted token ids of ``logits``' entries (a shortlist)."""
     ids = np.fromiter(set(seen), dtype=np.int64)
+    if vocab is not None:
+        where = np.searchsorted(vocab, ids)
+        inside = where < len(vocab)
+        ids = where[inside][vocab[where[inside]] == ids[inside]]
     ids = ids[(ids >= 0) & (ids < logits.shape[-1])]
     out = logits.copy()
     chosen = out[ids]

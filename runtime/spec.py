@@ -37,6 +37,8 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 # Box de-normalisation divisor (§8): 1024 as in the HF Space parser, 1023 as in big_vision.
 LOC_DIVISOR_HF = 1024
+# a <loc> token's confidence: the probability of the bins within this many of it (outputs.py's box_score)
+LOC_SCORE_WINDOW = 8  # 0.8 % of the image side: a box this far off is nearly the same box (IoU −5 % at 300 bins)
 LOC_DIVISOR_BIG_VISION = 1023
 
 # Generation defaults (§11).

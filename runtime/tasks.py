@@ -123,6 +123,12 @@ def task_of(prompt: str) -> Task | None:
     return TASKS.get(head)
 
 
+def is_grounding(prompt: str) -> bool:
+    """Whether a prompt asks for boxes (`detect`, `segment`): what the grounding grammar applies to."""
+    task = task_of(prompt)
+    return task is not None and task.localizes
+
+
 def example_prompts() -> list[str]:
     """One prompt per task (`Task.example`), in the table's order."""
     return [task.example for task in TASKS.values()]

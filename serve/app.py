@@ -26,8 +26,9 @@ from starlette.routing import Route
 from ..runtime import tasks
 from ..runtime.errors import PaliGemmaEdgeError, PromptError
 from ..runtime.generation import FINISH_LENGTH, GenerationResult, StopText, TokenEvent
-from ..runtime.model import PaliGemma
+from ..runtime.model import ImageFeatures, PaliGemma
 from .engine import FINISH_TIMEOUT, Engine, Job, QueueFullError
+from .image_cache import FeatureCache
 from .inputs import ApiError, ImagePolicy, chat_inputs, generation_options, read_json
 from .metrics import Metrics
 
@@ -56,6 +57,7 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.images = ImagePolicy(settings.allow_local_files)
+        self.image_cache = FeatureCache(settings.image_cache_bytes, self.metrics)
         self.model: PaliGemma | None = None
         self.engine: Engine | None = None
         self.load_error: Exception | None = None
@@ -107,6 +109,13 @@ class Server:
                 "model_not_found",
                 "model",
             )
+
+    async def features(self, model: PaliGemma, image: bytes) -> ImageFeatures:
+        """The image's features, encoded in a worker thread or taken from the cache of recent images."""
+        try:
+            return await run_in_threadpool(self.image_cache.features, image, model.encode_image)
+        except PaliGemmaEdgeError as error:
+            raise ApiError(400, str(error), type(error).__name__, "image") from error
 
     async def submit(self, build: Callable, *args, **kwargs) -> Job:
         """Build a sequence in a worker thread (image decoding, vision) and hand it to the engine."""
@@ -167,7 +176,8 @@ class Server:
         image, prompt = chat_inputs(body, self.images)
         options = generation_options(body)
         model, _ = self.ready()
-        job = await self.submit(model.new_sequence, image, prompt, **options)
+        features = await self.features(model, image)
+        job = await self.submit(model.new_sequence, features, prompt, **options)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": completion_id, "created": created, "model": self.settings.model_id}
         if body.get("stream"):
@@ -207,7 +217,7 @@ class Server:
             yield chunk({"role": "assistant", "content": ""})
             async for _kind, payload in job.stream():
                 if isinstance(payload, TokenEvent):
-                    piece = text.update(job.sequence.token_ids)
+                    piece = text.update(job.sequence.settled_ids)
                     if piece:
                         yield chunk({"content": piece})
                 elif isinstance(payload, GenerationResult):
@@ -243,16 +253,14 @@ class Server:
             raise ApiError(
                 400, f"iou_threshold must be a number in [0, 1], got {iou!r}", "invalid_value", "iou_threshold"
             )
-        options = generation_options({k: body[k] for k in ("max_tokens", "max_completion_tokens") if k in body})
+        fields = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if k in body}
+        options = generation_options({"constrained": True, **fields, **_field(body, "constrained")})
         model, _ = self.ready()
         try:
             prompt = tasks.TASKS[task].build(labels)
         except PaliGemmaEdgeError as error:
             raise ApiError(400, str(error), type(error).__name__, "labels") from error
-        try:
-            features = await run_in_threadpool(model.encode_image, image)
-        except PaliGemmaEdgeError as error:
-            raise ApiError(400, str(error), type(error).__name__, "image") from error
+        features = await self.features(model, image)
         job = await self.submit(model.new_sequence, features, prompt, **options)
         result = await self.result(job, request)
         parsed = await run_in_threadpool(model.objects_from, result, features, iou_threshold=iou)
@@ -263,7 +271,9 @@ class Server:
                 **parsed.to_dict(mask_format="rle"),
                 "raw_text": result.text,
                 "finish_reason": _openai_finish(result.finish_reason),
+                "constrained": options["constrained"],
                 "usage": self.usage(result),
+                "timings": result.timings.to_dict(),
             }
         )
 
@@ -289,6 +299,10 @@ class Server:
 
     async def page(self, request: Request) -> Response:
         return HTMLResponse(PAGE.read_text().replace("{{MODEL_ID}}", self.settings.model_id))
+
+
+def _field(body: dict, name: str) -> dict:
+    return {name: body[name]} if name in body else {}
 
 
 def _openai_finish(reason: str) -> str:

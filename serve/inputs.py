@@ -145,6 +145,7 @@ def generation_options(body: dict) -> dict:
         "repetition_penalty": body.get("repetition_penalty"),
         "stop": body.get("stop"),
         "ignore_eos": body.get("ignore_eos"),
+        "constrained": body.get("constrained"),  # our extension: detect / segment prompts under the grammar
     }
     try:
         GenerationConfig.from_options(**options).validated(default_max_new_tokens=1)

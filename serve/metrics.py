@@ -31,8 +31,12 @@ class Metrics:
         )
         self.image_cache_bytes = Gauge("paligemma_image_cache_bytes", "image features kept for reuse", registry=r)
         self.image_cache_entries = Gauge("paligemma_image_cache_entries", "images whose features are kept", registry=r)
-        self.image_cache_hits = Counter("paligemma_image_cache_hits", "requests whose image was encoded before", registry=r)
-        self.image_cache_misses = Counter("paligemma_image_cache_misses", "requests whose image was encoded", registry=r)
+        self.image_cache_hits = Counter(
+            "paligemma_image_cache_hits", "requests whose image was encoded before", registry=r
+        )
+        self.image_cache_misses = Counter(
+            "paligemma_image_cache_misses", "requests whose image was encoded", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -106,27 +106,40 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-heads", dest="text_kv_heads", type=int, choices=[1, 2, 4], help="the decoder's key/value heads"
     )
     parser.add_argument("--seed", type=int, default=0, help="weights and data")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="continue training this train-shapes checkpoint (e.g. shapes/trained/shapes-pg2): its shape, tower and "
+        "VQ-VAE, on today's task mix; --version and the recipe options come from it",
+    )
+    parser.add_argument("--learning-rate", type=positive_float, help="peak learning rate (default 1e-3)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def train_shapes(args: argparse.Namespace) -> int:
     from ..runtime.errors import PaliGemmaEdgeError
-    from .train import TrainSettings, train
+    from .train import TrainSettings, continued_settings, train
 
     recipe = {name: getattr(args, name) for name in RECIPE_CHOICES if getattr(args, name) is not None}
+    if args.learning_rate is not None:
+        recipe["learning_rate"] = args.learning_rate
     try:
-        settings = TrainSettings(
-            version=args.version,
-            image_size=args.image_size,
-            minutes=args.minutes,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            segment=args.segment,
-            bf16=args.bf16,
-            threads=args.threads,
-            seed=args.seed,
-            **recipe,
-        )
+        if args.init_from is not None:
+            budget = {"minutes": args.minutes, "max_steps": args.max_steps, "batch_size": args.batch_size}
+            settings = continued_settings(args.init_from, **budget, threads=args.threads, seed=args.seed, **recipe)
+        else:
+            settings = TrainSettings(
+                version=args.version,
+                image_size=args.image_size,
+                minutes=args.minutes,
+                max_steps=args.max_steps,
+                batch_size=args.batch_size,
+                segment=args.segment,
+                bf16=args.bf16,
+                threads=args.threads,
+                seed=args.seed,
+                **recipe,
+            )
     except ValueError as error:  # settings that do not fit together, e.g. the whole budget for the vision stage
         raise PaliGemmaEdgeError(str(error)) from error
     print(train(settings, args.out_dir, overwrite=args.overwrite))

@@ -148,6 +148,38 @@ def scene_examples(image_name: str, shapes: list[Shape], rng: np.random.Generato
                 "boxes": boxes([s for p in pair for s in shapes if s.kind == p], lambda s: s.kind),
             }
         )
+    return examples + absent_label_examples(image_name, shapes)
+
+
+def absent_label_examples(image_name: str, shapes: list[Shape]) -> list[dict]:
+    """Prompts that name one thing that is there and one that is not (the right answer leaves the absent one out):
+    `detect` of a present kind and a kind the scene lacks, `segment` of a present shape and its kind in a colour
+    the scene lacks. Chosen without drawing from the scene generator, so every other example stays as it was."""
+    kinds, labels = {s.kind for s in shapes}, {s.label for s in shapes}
+    examples = []
+    missing = [kind for kind in KINDS if kind not in kinds]
+    if missing:
+        present = next(kind for kind in KINDS if kind in kinds)
+        pair = sorted([present, missing[len(shapes) % len(missing)]])  # absent first or second, as sorting falls
+        examples.append(
+            {
+                "image": image_name,
+                "task": "detect, one label absent",
+                "prompt": f"detect {pair[0]} ; {pair[1]}",
+                "boxes": [{"label": s.kind, "box": list(s.box)} for s in shapes if s.kind == present],
+            }
+        )
+    target = shapes[-1]
+    absent = next(f"{color} {target.kind}" for color in COLORS if f"{color} {target.kind}" not in labels)
+    pair = [target.label, absent] if len(shapes) % 2 else [absent, target.label]
+    examples.append(
+        {
+            "image": image_name,
+            "task": "segment, one label absent",
+            "prompt": f"segment {pair[0]} ; {pair[1]}",
+            "masks": [{"label": s.label, "mask": mask_to_rle(s.mask())} for s in shapes if s.label == target.label],
+        }
+    )
     return examples
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,6 +33,8 @@ from ..export.checkpoint import SEG_DECODER_FILE
 from ..random_checkpoints.tiny import CheckpointShape, build_tokenizer, paligemma_config
 from ..runtime import spec
 from ..runtime.cpu import cpu_model
+from ..runtime.errors import CheckpointError
+from ..runtime.grammar import grounding_labels
 from ..runtime.output_dirs import atomic_output_dir
 from .scenes import COLORS, KINDS, SIZE, Shape, make_scene, scene_examples
 from .vqvae import MaskEncoder, VQVAESettings, save_vqvae, train_vqvae
@@ -79,6 +82,7 @@ class TrainSettings:
     text_kv_heads: int = 1  # key/value heads of the decoder's TEXT_HEADS attention heads (1: multi-query, as Gemma 2B)
     vision_hidden: int = 192
     vision_layers: int = 4
+    init_from: str | None = None  # continue a train-shapes checkpoint (its shape, VQ-VAE and tower) instead
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.image_size % spec.PATCH_SIZE:
@@ -215,8 +219,8 @@ def training_examples(
                 pieces = [(detect_object(b["box"], b["label"], image.width), by_box[tuple(b["box"])]) for b in boxes]
                 target = spec.OBJECT_SEPARATOR.join(text for text, _ in pieces)
             elif encoder is not None:
-                label = example["prompt"].removeprefix("segment ")
-                selected = sorted((s for s in shapes if s.label == label), key=lambda s: key(s.box))
+                _, names = grounding_labels(example["prompt"])
+                selected = sorted((s for s in shapes if s.label in names), key=lambda s: key(s.box))
                 pieces = [(segment_object(shape, encoder, image.width), shape) for shape in selected]
                 target = spec.OBJECT_SEPARATOR.join(text for text, _ in pieces)
             else:
@@ -535,11 +539,14 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
     start = time.perf_counter()
     with atomic_output_dir(out_dir, overwrite) as work:
         encoder, vqvae = None, None
-        if settings.segment:
+        if settings.segment and settings.init_from:  # the checkpoint's own masks' VQ-VAE
+            shutil.copyfile(Path(settings.init_from) / SEG_DECODER_FILE, work / SEG_DECODER_FILE)
+            encoder = MaskEncoder(work / SEG_DECODER_FILE)
+        elif settings.segment:
             vqvae = VQVAESettings(seed=settings.seed, steps=settings.max_steps or VQVAESettings.steps)
             encoder = MaskEncoder(save_vqvae(train_vqvae(vqvae, progress), vqvae, work / SEG_DECODER_FILE))
         vqvae_seconds = time.perf_counter() - start
-        model, processor = build(settings)
+        model, processor = load_trained(settings.init_from) if settings.init_from else build(settings)
         model.train()
         loc_ids = torch.tensor(
             processor.tokenizer.convert_tokens_to_ids([spec.loc_token(i) for i in range(spec.NUM_LOC_TOKENS)])
@@ -622,6 +629,9 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
         model.eval()
         record = {
             "settings": asdict(settings),
+            "continued_from": (
+                json.loads((Path(settings.init_from) / TRAINED_MARKER).read_text()) if settings.init_from else None
+            ),
             "vqvae": asdict(vqvae) if vqvae else None,
             "vqvae_seconds": round(vqvae_seconds, 1),
             "vision_stage": vision_stage,
@@ -639,6 +649,28 @@ def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False,
         processor.save_pretrained(work)
         (work / TRAINED_MARKER).write_text(json.dumps(record, indent=2) + "\n")
     return Path(out_dir)
+
+
+def continued_settings(checkpoint: str | Path, **changes: Any) -> TrainSettings:
+    """Settings that continue training ``checkpoint`` (a train-shapes output, shipped or not): its own model shape
+    and recipe, no vision stage (the tower stays as it was trained) and no answers-only first steps; ``changes``
+    (minutes, learning_rate, seed, …) on top."""
+    record_path = Path(checkpoint) / TRAINED_MARKER
+    if not record_path.is_file():
+        raise CheckpointError(f"{checkpoint} has no {TRAINED_MARKER}: only train-shapes outputs can be continued.")
+    known = {f.name for f in fields(TrainSettings)}
+    prior = {k: v for k, v in json.loads(record_path.read_text())["settings"].items() if k in known}
+    fixed = {"init_from": str(checkpoint), "vision_share": 0.0, "look_first_steps": 0, "freeze_vision": True}
+    return replace(TrainSettings(**prior), **{**fixed, "minutes": TrainSettings.minutes, **changes})
+
+
+def load_trained(checkpoint: str | Path):
+    """(float32 model, processor) of a train-shapes checkpoint."""
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    return model, PaliGemmaProcessor.from_pretrained(checkpoint)
 
 
 def smoke_settings(version: int = 1) -> TrainSettings:

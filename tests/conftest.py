@@ -12,7 +12,17 @@ from PIL import Image
 
 from paligemma_edge.random_checkpoints.tiny import CheckpointShape, make_tiny_checkpoint
 
-from .helpers import QUERY_CHUNKS, SCRIPT, VARIANTS, Exported, write_vae_npz
+from .helpers import (
+    CONSTRAINED_BUDGET,
+    CONSTRAINED_PROMPTS,
+    QUERY_CHUNKS,
+    SCRIPT,
+    VARIANTS,
+    Exported,
+    hf_constrained,
+    load_hf,
+    write_vae_npz,
+)
 
 # checksums verified once are remembered here, not in the user's cache (subprocesses inherit it)
 os.environ.setdefault("PALIGEMMA_EDGE_CACHE", tempfile.mkdtemp(prefix="paligemma-edge-cache-"))
@@ -59,3 +69,22 @@ def scripted_export(tmp_path_factory) -> Path:
     write_vae_npz(root / "vae-oid.npz", 64, 32)
     export_model(checkpoint, root / "export", ExportSettings(seg_decoder=root / "vae-oid.npz"))
     return root / "export"
+
+
+@pytest.fixture(scope="session")
+def constrained_references(exports, images) -> dict[tuple[str, int, str], tuple[list[int], list[int]]]:
+    """transformers under the grounding grammar, one token at a time on full logits: (generated, output) per
+    (variant, image index, prompt), for pg1 and pg2 on the first two images."""
+    from paligemma_edge import PaliGemma
+
+    cases = {}
+    for name in ("pg1", "pg2"):
+        model, processor = load_hf(exports[name].checkpoint)
+        runtime = PaliGemma.load(exports[name].export_dir)
+        for index, image in enumerate(images[:2]):
+            for prompt in CONSTRAINED_PROMPTS:
+                grammar = runtime.grammar(prompt)
+                cases[name, index, prompt] = hf_constrained(
+                    model, processor, image, prompt, grammar, CONSTRAINED_BUDGET
+                )
+    return cases

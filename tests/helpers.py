@@ -20,6 +20,7 @@ from PIL import Image
 
 from paligemma_edge import PaliGemma
 from paligemma_edge.random_checkpoints.tiny import CheckpointShape
+from paligemma_edge.runtime.grammar import GroundingGrammar
 
 if TYPE_CHECKING:
     import httpx
@@ -81,6 +82,75 @@ def hf_generate(model, processor, images, prompts, max_new_tokens: int) -> list[
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
         rows.append(row[:cut])
     return rows
+
+
+# grounding prompts decoded under the grammar (test_grammar.py, test_llamacpp.py), and their token budget
+CONSTRAINED_PROMPTS = ["detect house ; car", "segment car", "detect sun"]
+CONSTRAINED_BUDGET = 32
+
+
+def hf_constrained(model, processor, image, prompt: str, grammar: GroundingGrammar, max_new_tokens: int):
+    """The grounding grammar's choices made one token at a time on transformers' full logits (greedy), written
+    from grammar.py's rules: (every token generated, eos included; the output the grammar kept)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    output: list[int] = []
+
+    def take(token: int) -> None:
+        if grammar.advance(token) and token != grammar.eos:
+            output.append(token)
+
+    def leave() -> None:
+        count = grammar.escape()
+        del output[len(output) - count :]
+
+    class Choose(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            generated = input_ids[0, start:].tolist()
+            if generated:
+                take(generated[-1])
+            logits = scores[0].float().numpy()
+            allowed = grammar.allowed(max_new_tokens - len(generated))
+            pool = np.arange(len(logits)) if allowed is None else allowed
+            if allowed is not None and grammar.choosing_label and int(logits.argmax()) not in allowed:
+                leave()
+                pool = np.arange(len(logits))
+            elif allowed is not None and grammar.in_box:
+                ids = np.union1d(allowed, grammar.escapes)
+                if int(ids[logits[ids].argmax()]) not in allowed:
+                    leave()
+                    pool = ids
+            choice = torch.full_like(scores, -torch.inf)
+            choice[0, int(pool[logits[pool].argmax()])] = 0.0
+            return choice
+
+    inputs = processor(images=[image], text=["<image>" + prompt], return_tensors="pt")
+    start = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[Choose()])
+    generated = out[0, start:].tolist()
+    take(generated[-1])
+    if grammar.open_separator:  # a separator no object followed is taken back
+        del output[len(output) - len(grammar.spelling.separator) :]
+    return generated, output
+
+
+def assert_constrained_as_referenced(runtime: PaliGemma, name: str, images, references) -> int:
+    """``runtime`` (variant ``name``) under the grammar against `hf_constrained`'s references, every case single
+    (every generated token, kept or skipped, and the output) and all of them as one batch (the outputs); returns how
+    many cases left the grammar somewhere."""
+    jobs = [(index, prompt) for index in range(2) for prompt in CONSTRAINED_PROMPTS]
+    left = 0
+    for index, prompt in jobs:
+        generated, output = references[name, index, prompt]
+        events = list(runtime.stream_tokens(images[index], prompt, CONSTRAINED_BUDGET, constrained=True))
+        got = events[-1].sequence.result()
+        assert [e.token_id for e in events] == generated and got.token_ids == output, (name, index, prompt)
+        left += len(output) < len([t for t in generated if t != runtime.tokens.eos[0]])
+    batched = runtime.generate([images[i] for i, _ in jobs], [p for _, p in jobs], CONSTRAINED_BUDGET, constrained=True)
+    assert [r.token_ids for r in batched] == [references[name, i, p][1] for i, p in jobs], name
+    return left
 
 
 BLOCKER = Path(__file__).resolve().parent / "blocked_imports"

@@ -243,7 +243,7 @@ class NumpyDecoder:
             x = x + h
         x = _rms_norm(x, w["norm.weight"], self.eps)
         rows = np.take_along_axis(x, chunk.logits_at[..., None], axis=1)
-        logits = rows @ table.T
+        logits = rows @ (table if chunk.vocab_rows is None else table[chunk.vocab_rows]).T
         if c.get("final_logit_softcapping"):
             cap = c["final_logit_softcapping"]
             logits = np.tanh(logits / cap) * cap

@@ -202,6 +202,9 @@ def test_a_recipe_for_another_backend_fails_before_the_export(exports, tmp_path)
     one_line_error(out, "--backend onnxruntime makes an ONNX export: its recipes are")
     assert ".partial" not in out.stderr and "%|" not in out.stderr  # no export step (no progress bar) started
     assert not (tmp_path / "out").exists() and time.perf_counter() - started < 60
+    out = run_cli("export", exports["pg1"].checkpoint, tmp_path / "out", "--quant", "int4", "--dtype", "fp16")
+    one_line_error(out, "--quant int4 quantizes an fp32 export and its recipe sets each graph's precision")
+    assert ".partial" not in out.stderr and not (tmp_path / "out").exists()
 
 
 def test_quiet_output_and_verbose(exports, tmp_path):

@@ -84,7 +84,15 @@ def test_shipped_heldout_set_is_what_the_generator_writes(tmp_path):
     for name in ("00000.png", f"{HELDOUT_SCENES - 1:05d}.png"):
         assert (HELDOUT_SET.parent / "images" / name).read_bytes() == (fresh.parent / "images" / name).read_bytes()
     tasks = {example.task for example in read_examples(HELDOUT_SET)}
-    assert tasks == {"caption", "count", "color", "detect", "segment"}
+    assert tasks == {
+        "caption",
+        "count",
+        "color",
+        "detect",
+        "segment",
+        "detect, one label absent",
+        "segment, one label absent",
+    }
 
 
 def test_eval_end_to_end_on_a_scripted_model(scripted_export, tmp_path):
@@ -106,9 +114,12 @@ def test_eval_end_to_end_on_a_scripted_model(scripted_export, tmp_path):
     ]
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = run_cli("eval", scripted_export, "--data", data, "--json")
+    # the scripted answer carries <seg> codes, no detect answer under the grammar: judged without it first
+    out = run_cli("eval", scripted_export, "--data", data, "--json", "--no-grammar")
     assert out.returncode == 0, out.stderr
-    tasks = json.loads(out.stdout)["tasks"]
+    report = json.loads(out.stdout)
+    tasks = report["tasks"]
+    assert report["grammar"] is False
     assert tasks["caption"]["exact_match"] == 0.5 and tasks["caption"]["examples"] == 2
     assert tasks["caption again"] == {"examples": 1, "exact_match": 1.0}  # scored in the group it names
     assert tasks["ocr"]["cer"] == pytest.approx(2 / (len(text) - 2))  # two extra characters
@@ -117,6 +128,9 @@ def test_eval_end_to_end_on_a_scripted_model(scripted_export, tmp_path):
     assert tasks["segment"]["mask_iou"] == pytest.approx(1.0) and tasks["segment"]["map50"] == pytest.approx(1.0)
     table = run_cli("eval", scripted_export, "--data", data)
     assert table.returncode == 0 and "map50" in table.stdout and "segment" in table.stdout
+    grammar = json.loads(run_cli("eval", scripted_export, "--data", data, "--json").stdout)
+    assert grammar["grammar"] is True and grammar["tasks"]["detect"]["recall"] == 0.0
+    assert grammar["tasks"]["segment"] == tasks["segment"]
 
 
 def test_eval_runs_on_the_shapes_set(exports, tmp_path):
@@ -151,3 +165,29 @@ def test_eval_rejects_malformed_lines_with_their_number(exports, tmp_path, line,
     data.write_text(good + "\n" + line.replace("IMAGE", str(demo_image_path())) + "\n")
     out = run_cli("eval", exports["pg1"].export_dir, "--data", data)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_prompts_that_name_one_absent_thing_known_answers():
+    from paligemma_edge.shapes.scenes import Shape, absent_label_examples
+
+    circle, square = Shape("circle", "red", (10, 10, 60, 60)), Shape("square", "blue", (100, 100, 150, 150))
+    detect, segment = absent_label_examples("a.png", [circle, square])
+    assert detect["prompt"] == "detect circle ; triangle" and detect["task"] == "detect, one label absent"
+    assert detect["boxes"] == [{"label": "circle", "box": [10, 10, 60, 60]}]  # the triangle: nothing to find
+    assert segment["prompt"] == "segment red square ; blue square"  # the square's kind in a colour not there
+    assert [mask["label"] for mask in segment["masks"]] == ["blue square"]
+    every_kind = [circle, square, Shape("triangle", "red", (160, 10, 200, 50))]
+    (segment,) = absent_label_examples("b.png", every_kind)  # no kind is absent: the segment prompt only
+    assert segment["prompt"] == "segment red triangle ; green triangle"
+
+
+def test_precision_by_score_known_answer():
+    from paligemma_edge.eval.metrics import Matches, precision_by_score
+
+    image = Matches([True, False, True, True], [0.95, 0.1, 0.3, 1.0], ["a"] * 4, [0.9, 0.8, 0.7], {"a": 4})
+    other = Matches([False], [0.3], ["a"], [], {"a": 1})
+    assert precision_by_score([image, other], (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)) == [
+        {"score": [0.0, 0.25], "objects": 1, "precision": 0.0},
+        {"score": [0.25, 0.5], "objects": 2, "precision": 0.5},
+        {"score": [0.9, 1.0], "objects": 2, "precision": 1.0},  # 1.0 falls in the last, closed bin
+    ]

@@ -48,7 +48,19 @@ def test_decoder_graph_is_dynamic_and_holds_the_table_once(exports):
     tables = [i for i in model.graph.initializer if vocab in i.dims]
     assert len(tables) == 1 and list(tables[0].dims) == [64, vocab]
     users = [n.op_type for n in model.graph.node if tables[0].name in n.input]
-    assert sorted(users) == ["Gather", "MatMul"]
+    assert users == ["Gather"]  # the embedding; the LM head reads it in the shortlisting If's branches:
+    whole, shortlisted = head_branches(model)
+    assert [(n.op_type, list(n.input)) for n in whole.node] == [("MatMul", [whole.node[0].input[0], tables[0].name])]
+    assert [n.op_type for n in shortlisted.node] == ["Gather", "MatMul"]
+    assert list(shortlisted.node[0].input) == [tables[0].name, "vocab_rows"]
+    assert dims["vocab_rows"] == ["vocab_rows"]
+
+
+def head_branches(model: onnx.ModelProto) -> tuple[onnx.GraphProto, onnx.GraphProto]:
+    """(whole, shortlisted): the LM head's If branches (export/shortlisted_head.py)."""
+    (switch,) = [n for n in model.graph.node if n.op_type == "If" and n.name == "shortlist.if"]
+    branches = {attribute.name: attribute.g for attribute in switch.attribute}
+    return branches["then_branch"], branches["else_branch"]
 
 
 @pytest.mark.parametrize("name", ["pg1", "pg2"])
@@ -63,7 +75,9 @@ def test_past_the_last_layers_keys_only_the_logits_rows_are_computed(exports, na
     counted = Counter(rows.get(node.input[0]) for node in matmuls)
     layers = exports[name].manifest["language_model"]["num_layers"]
     per_layer = 7  # q, k, v, o; gate, up, down
-    assert counted == {"seq": per_layer * layers - 5, "num_logits": 5 + 1}
+    assert counted == {"seq": per_layer * layers - 5, "num_logits": 5}
+    whole, _ = head_branches(model)
+    assert rows[whole.node[0].input[0]] == "num_logits"
 
 
 def test_fp16_export_runs_within_tolerance(exports, tmp_path, images):

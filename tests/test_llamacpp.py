@@ -21,7 +21,16 @@ from paligemma_edge.runtime.backends.llamacpp import build_info
 from paligemma_edge.runtime.errors import BackendBuildError, GenerationError, QuantizationError
 from paligemma_edge.runtime.recipes import get_recipe
 
-from .helpers import PROMPTS, SCRIPT, VARIANTS, hf_generate, interleaved, load_hf, run_cli
+from .helpers import (
+    PROMPTS,
+    SCRIPT,
+    VARIANTS,
+    assert_constrained_as_referenced,
+    hf_generate,
+    interleaved,
+    load_hf,
+    run_cli,
+)
 
 pytestmark = pytest.mark.llamacpp
 
@@ -111,6 +120,12 @@ def test_teacher_forced_logits_match_transformers(variant, images):
     # llama.cpp's CPU GELU reads an fp16 table: logits agree to ~1e-2, not to onnxruntime's ~1e-5
     np.testing.assert_allclose(got, expected, atol=2e-3 * float(np.abs(expected).max()), rtol=0)
     assert (got.argmax(-1) == expected.argmax(-1)).all(), name
+
+
+def test_constrained_greedy_equals_transformers_under_the_grammar(gguf_exports, images, constrained_references):
+    """As test_grammar.py's ONNX test: the GGUF decoder under the grounding grammar, single and batched."""
+    for name in ("pg1", "pg2"):
+        assert_constrained_as_referenced(PaliGemma.load(gguf_exports[name]), name, images, constrained_references)
 
 
 def test_a_window_shorter_than_the_prefix_needs_the_widened_prefix(gguf_exports, images, exports):

@@ -27,8 +27,19 @@ from paligemma_edge.runtime.recipes import DEFAULT_BLOCK_SIZE, RECIPES, OnnxReci
 from .helpers import PROMPTS, run_cli
 
 
+def graph_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Every node, those of If branches (the shortlisted LM head, the int8 prefill routes) included."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                nodes += graph_nodes(attribute.g)
+    return nodes
+
+
 def graph_ops(path) -> Counter[str]:
-    return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+    return Counter(node.op_type for node in graph_nodes(onnx.load(str(path), load_external_data=False).graph))
 
 
 def graph_bytes(manifest: Manifest, graph: str) -> int:
@@ -85,11 +96,15 @@ def test_int4_graph_uses_matmulnbits(quantized, exports):
     assert ops.get("MatMulNBits") == fp32_matmuls_with_weights
     model = onnx.load(str(quantized["int4"]["dir"] / "decoder.onnx"), load_external_data=False)
     bits = sorted(
-        next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"
+        next(a.i for a in n.attribute if a.name == "bits")
+        for n in graph_nodes(model.graph)
+        if n.op_type == "MatMulNBits"
     )
     assert bits == [4] * 14 + [8]  # body int4, LM head 8-bit
     blocks = {
-        next(a.i for a in n.attribute if a.name == "block_size") for n in model.graph.node if n.op_type == "MatMulNBits"
+        next(a.i for a in n.attribute if a.name == "block_size")
+        for n in graph_nodes(model.graph)
+        if n.op_type == "MatMulNBits"
     }
     assert blocks == {DEFAULT_BLOCK_SIZE}
 
@@ -167,14 +182,17 @@ def test_fp16_guards_gemma_overflow(tmp_path, images):
     # (On CPU onnxruntime upcasts fp16 elementwise ops itself, so the guard matters on GPU providers.)
     graph = onnx.load(str(tmp_path / "fp16" / "decoder.onnx")).graph
     fp16 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
-    fp16 |= {o for n in graph.node for o in n.output if o.endswith(".fp16")}
+    fp16 |= {o for n in graph_nodes(graph) for o in n.output if o.endswith(".fp16")}
     exposed = [
         n.op_type
-        for n in graph.node
+        for n in graph_nodes(graph)
         if n.op_type not in ("MatMul", "Gather", "Cast") and any(i in fp16 for i in n.input)
     ]
     assert exposed == []
-    assert sum(n.op_type == "MatMul" and n.input[0] in fp16 for n in graph.node) == 2 * 7 + 1
+    assert sum(n.op_type == "MatMul" and n.input[0] in fp16 for n in graph.node) == 2 * 7
+    head = next(n for n in graph.node if n.op_type == "If" and n.name == "shortlist.if")  # whole, and shortlisted
+    for branch in (attribute.g for attribute in head.attribute):
+        assert sum(n.op_type == "MatMul" and n.input[0] in fp16 for n in branch.node) == 1
 
 
 def test_report_of_a_model_against_itself(exports):
@@ -274,7 +292,8 @@ def test_fast_prefill_runs_prompts_on_int8_and_steps_on_the_int4_body(quantized,
         if n.op_type == "If"
     ]
     routes = [b for b in branches if b["else_branch"] == {"MatMulNBits": 1}]  # not the chunked-attention Ifs
-    assert len(routes) == body and graph_ops(fast / "decoder.onnx")["MatMulNBits"] == 1  # the head stays outside
+    # every body matmul in its route, and the LM head once, unrouted (in the shortlisting If)
+    assert len(routes) == body and graph_ops(fast / "decoder.onnx")["MatMulNBits"] == body + 1
     assert all(b["then_branch"]["MatMulIntegerToFloat"] == 1 for b in routes)
     # a decode step streams the int4 body alone: bench's roofline leaves the prompts' copy out
     assert decoder_weight_bytes(load_manifest(fast)) == decoder_weight_bytes(load_manifest(plain))
@@ -395,3 +414,35 @@ def test_a_cache_precision_the_manifest_does_not_record_is_refused(exports, tmp_
     manifest_file.write_text(json.dumps(edited))
     with pytest.raises(CorruptExportError, match="KV cache is tensor.float16. but the manifest records 'fp32'"):
         PaliGemma.load(tmp_path / "kv16")
+
+
+@pytest.mark.parametrize("name", ["fp32", *RECIPES])
+def test_a_shortlisted_lm_head_computes_the_whole_heads_rows(quantized, exports, images, name):
+    """Logits for a few ids (a grammar's shortlist) equal the whole head's at those ids: exactly for fp32 / fp16
+    tables, to float rounding for MatMulNBits heads (their int8 activation rounding reproduced in the graph)."""
+    directory = exports["pg1"].export_dir if name == "fp32" else quantized[name]["dir"]
+    model = PaliGemma.load(directory)
+    assert model.decoder.shortlists
+    sequence = model.new_sequence(images[0], "detect house", max_new_tokens=4)
+    prompt = prefix_chunk([sequence.prompt_ids], [sequence.image_features], model.tokens)
+    whole = model.decoder.forward(model.decoder.new_cache(1), prompt)
+    rows = np.array([0, 1, model.tokens.loc0, model.tokens.loc0 + 700, whole.shape[-1] - 1], np.int64)
+    prompt.vocab_rows = rows
+    shortlisted = model.decoder.forward(model.decoder.new_cache(1), prompt)
+    assert shortlisted.shape == (*whole.shape[:-1], len(rows))
+    tolerance = 0.0 if name in ("fp32", "fp16") else 1e-5 * np.abs(whole).max()
+    np.testing.assert_allclose(shortlisted, whole[..., rows], rtol=0, atol=tolerance)
+
+
+def test_shortlisting_the_head_comes_undone_for_quantization(exports):
+    from paligemma_edge.export import shortlisted_head
+
+    model = onnx.load(str(exports["pg2"].export_dir / "decoder.onnx"), load_external_data=False)
+    assert shortlisted_head.is_wrapped(model)
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    shortlisted_head.unwrap(plain)
+    assert not shortlisted_head.is_wrapped(plain) and "If" not in {n.op_type for n in plain.graph.node[-5:]}
+    assert shortlisted_head.head_node(plain.graph).op_type == "MatMul"
+    shortlisted_head.wrap(plain)
+    assert [n.op_type for n in plain.graph.node] == [n.op_type for n in model.graph.node]

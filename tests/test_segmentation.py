@@ -106,17 +106,21 @@ def test_paste_mask_known_answer():
     assert not paste_mask(logits, (5, 5, 5, 9), 10, 10).any()  # empty box → empty mask
 
 
-def test_scores_are_geometric_means_and_nms():
+def test_scores_are_box_and_label_confidences_and_nms():
     text = (
         "<loc0010><loc0010><loc0500><loc0500> cat ; <loc0012><loc0012><loc0505><loc0505> cat ; "
         "<loc0600><loc0600><loc0900><loc0900> dog"
     )
-    logprobs = np.log([0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 0.5, 0.99, 0.99, 0.99, 0.99])
-    out = parse_output(text, 1024, 1024, loc_logprobs=logprobs)
-    assert [round(o.score, 6) for o in out] == [round((0.9 * 0.8 * 0.7 * 0.6) ** 0.25, 6), 0.5, 0.99]
+    locs = [0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 0.5, 0.99, 0.99, 0.99, 0.99]
+    out = parse_output(text, 1024, 1024, loc_scores=locs, label_scores={0: 0.5, 8: 1.0})
+    box = (0.9 * 0.8 * 0.7 * 0.6) ** 0.25
+    assert [round(o.box_score, 6) for o in out] == [round(box, 6), 0.5, 0.99]
+    assert [o.label_score for o in out] == [0.5, None, 1.0]
+    assert [round(o.score, 6) for o in out] == [round(box * 0.5, 6), 0.5, 0.99]  # no label score: the box's
     kept = non_max_suppression(out.objects, iou_threshold=0.5)
-    assert [(o.label, round(o.score, 2)) for o in kept] == [("cat", 0.74), ("dog", 0.99)]
-    mismatched = parse_output(text, 1024, 1024, loc_logprobs=logprobs[:5])
+    assert [(o.label, round(o.score, 2)) for o in kept] == [("cat", 0.5), ("dog", 0.99)]
+    assert out[0].to_dict()["label_score"] == 0.5 and "label_score" not in out[1].to_dict()
+    mismatched = parse_output(text, 1024, 1024, loc_scores=locs[:5])
     assert all(o.score is None for o in mismatched) and "not scored" in mismatched.dropped[0]
 
 
@@ -172,8 +176,11 @@ def test_attach_seg_decoder_to_existing_export(scripted, tmp_path, images):
 
 def test_detect_on_scripted_model(scripted, images):
     root, _ = scripted
-    out = PaliGemma.load(root / "plain").detect(images[0], ["car", "house"], iou_threshold=0.5)
+    model = PaliGemma.load(root / "plain")
+    out = model.detect(images[0], ["car", "house"], iou_threshold=0.5, constrained=False)
     assert [o.label for o in out] == ["car"] and out[0].box[0] == 128 / 1024 * images[0].width
+    # the scripted answer is a `segment` one (<seg> codes after the box): not a detect answer under the grammar
+    assert model.detect(images[0], ["car", "house"]).objects == []
 
 
 def test_cli_draw_writes_png(scripted, images, tmp_path):
@@ -218,3 +225,18 @@ def test_draw_api_and_supervision(images):
 
     detections = ParsedOutput(objects=objects).to_supervision()
     assert isinstance(detections, sv.Detections) and detections.xyxy.tolist() == [[10.0, 10.0, 60.0, 50.0]]
+
+
+def test_export_finds_the_checkpoints_own_vae_unless_told_not_to(scripted, tmp_path):
+    """A checkpoint directory that carries its vae-oid.npz (as the shipped shapes models do) exports with masks
+    without flags, and says so; --no-seg-decoder leaves them out."""
+    import shutil
+
+    root, _ = scripted
+    checkpoint = shutil.copytree(root / "hf", tmp_path / "hf")
+    shutil.copyfile(root / "vae-oid.npz", checkpoint / "vae-oid.npz")
+    found = run_cli("export", checkpoint, tmp_path / "with", "--no-verify")
+    assert found.returncode == 0, found.stderr
+    assert "the checkpoint's own VQ-VAE" in found.stderr and (tmp_path / "with" / "mask_decoder.onnx").is_file()
+    plain = run_cli("export", checkpoint, tmp_path / "without", "--no-verify", "--no-seg-decoder")
+    assert plain.returncode == 0 and not (tmp_path / "without" / "mask_decoder.onnx").exists(), plain.stderr

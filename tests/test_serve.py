@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 
 from paligemma_edge import PaliGemma
+from paligemma_edge.random_checkpoints.tiny import CheckpointShape
+from paligemma_edge.runtime.images import demo_image_path
 
-from .helpers import API_KEY, LiveServer, chat_body, data_uri, free_port, png_claiming
+from .helpers import API_KEY, SCRIPT, LiveServer, chat_body, data_uri, free_port, png_claiming
 
 
 @pytest.fixture(scope="module")
@@ -202,49 +204,102 @@ def test_detect_and_segment_json(scripted_export, images):
             assert got["objects"] == json.loads(json.dumps(expected["objects"]))
             assert got["dropped"] == expected["dropped"] and got["image_size"] == [images[2].width, images[2].height]
         assert "mask" in got["objects"][0] and got["objects"][0]["label"] == "car"
+        assert got["constrained"] is True and got["timings"]["vision_s"] == 0.0  # the image's features were kept
+        # the scripted answer is a segment one: no detect answer under the grammar, the parser's car without it
+        for constrained, labels in ((True, []), (False, ["car"])):
+            body = {"image": data_uri(images[2]), "labels": ["car"], "constrained": constrained}
+            got = server.post("/v1/detect", body, key=None).json()
+            assert got["constrained"] is constrained and [o["label"] for o in got["objects"]] == labels
+        assert server.post("/v1/detect", {**body, "constrained": "no"}, key=None).status_code == 400
+        metrics = httpx.get(server.url + "/metrics").text
+        assert "paligemma_image_cache_misses_total 1.0" in metrics and "paligemma_image_cache_hits_total 3.0" in metrics
+        assert "paligemma_image_cache_entries 1.0" in metrics
 
 
 @pytest.mark.browser
 def test_page_in_headless_chromium(scripted_export, images, tmp_path):
-    """Upload the bundled image on the page, run detect, see the box drawn and the JSON shown."""
+    """Upload the bundled image on the page and segment: the mask and box drawn (read back from a screenshot), one
+    row per object, how it was decoded; an export without a mask decoder says so on the page."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from paligemma_edge.runtime.images import demo_image_path
+    from paligemma_edge.export.exporter import ExportSettings, export_model
+    from paligemma_edge.random_checkpoints.tiny import make_scripted_checkpoint
 
     options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     options.binary_location = "/usr/bin/chromium"
-    with LiveServer(scripted_export) as server:
-        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-        try:
-            driver.get(server.url + "/")
-            driver.find_element(By.ID, "file").send_keys(str(demo_image_path()))
-            Select(driver.find_element(By.ID, "task")).select_by_value("segment")
-            driver.find_element(By.ID, "extra").send_keys("car")
-            width = Image.open(demo_image_path()).width
-            WebDriverWait(driver, 20).until(
-                lambda d: d.execute_script("return document.getElementById('view').width") == width
-            )  # the image was read and drawn
-            driver.find_element(By.ID, "run").click()
-            WebDriverWait(driver, 60).until(
-                lambda d: (
-                    d.find_element(By.ID, "status").text in ("done",)
-                    or d.find_element(By.ID, "status").text.startswith("error")
-                )
-            )
-            assert driver.find_element(By.ID, "status").text == "done"
-            shown = json.loads(driver.find_element(By.ID, "json").text)
-            boxes = int(driver.find_element(By.ID, "view").get_attribute("data-boxes"))
-            assert boxes == len(shown["objects"]) >= 1 and shown["objects"][0]["label"] == "car"
-            drawn = driver.execute_script("const c = document.getElementById('view'); return [c.width, c.height];")
-            assert drawn == list(Image.open(demo_image_path()).size)
-            driver.save_screenshot(str(tmp_path / "page.png"))
-        finally:
-            driver.quit()
+    image = Image.open(demo_image_path()).convert("RGB")
+
+    def segment(driver, url: str, labels: str) -> dict:
+        driver.get(url + "/")
+        driver.find_element(By.ID, "file").send_keys(str(demo_image_path()))
+        Select(driver.find_element(By.ID, "task")).select_by_value("segment")
+        driver.find_element(By.ID, "extra").send_keys(labels)
+        WebDriverWait(driver, 20).until(
+            lambda d: d.execute_script("return document.getElementById('view').width") == image.width
+        )  # the image was read and drawn
+        driver.find_element(By.ID, "run").click()
+        status = lambda d: d.find_element(By.ID, "status").text  # noqa: E731
+        WebDriverWait(driver, 60).until(lambda d: status(d) == "done" or status(d).startswith("error"))
+        assert status(driver) == "done"
+        return json.loads(driver.find_element(By.ID, "json").text)
+
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        with LiveServer(scripted_export) as server:
+            shown = segment(driver, server.url, "car ; house")
+        (car,) = shown["objects"]
+        assert car["label"] == "car" and shown["constrained"] is True
+        rows = driver.find_elements(By.CSS_SELECTOR, "#objects tbody tr")
+        cells = [cell.text for cell in rows[0].find_elements(By.TAG_NAME, "td")]
+        area = sum(car["mask"]["counts"][1::2])
+        assert len(rows) == 1 and cells[1:] == [
+            "car",
+            f"{car['score']:.3f}",
+            ", ".join(f"{v:.0f}" for v in car["box"]),
+            str(area),
+        ]
+        assert "grammar on" in driver.find_element(By.ID, "summary").text
+        assert driver.find_element(By.ID, "legend").is_displayed()
+        # the screenshot: inside the canvas, the box's outline in its colour and the mask tinted over the image
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        shot = np.asarray(Image.open(tmp_path / "page.png").convert("RGB")).astype(int)
+        rect = driver.execute_script(
+            "const r = document.getElementById('view').getBoundingClientRect(); "
+            "return [r.left, r.top, r.width, r.height];"
+        )
+        ratio = driver.execute_script("return window.devicePixelRatio")
+        left, top, width, height = (round(v * ratio) for v in rect)
+        canvas = shot[top + 1 : top + height - 1, left + 1 : left + width - 1]  # inside the 1 px border
+        plain = np.asarray(image.resize((canvas.shape[1], canvas.shape[0]))).astype(int)
+        outline = np.all(np.abs(canvas - [0xE6, 0x19, 0x4B]) < 40, axis=-1)
+        changed = np.abs(canvas - plain).max(axis=-1) > 40
+        scale = canvas.shape[0] * canvas.shape[1] / (image.width * image.height)
+        assert outline.sum() > 2 * (canvas.shape[0] + canvas.shape[1]) * 0.05  # a drawn rectangle, not a dot
+        assert 0.6 * area * scale < changed.sum() < 1.6 * area * scale + outline.sum()  # the mask, about its size
+
+        no_masks = tmp_path / "no-masks"
+        checkpoint = make_scripted_checkpoint(tmp_path / "hf", SCRIPT, CheckpointShape(version=2, kv_heads=2))
+        export_model(checkpoint, no_masks, ExportSettings(verify=False, seg_decoder=None))
+        with LiveServer(no_masks) as server:
+            shown = segment(driver, server.url, "car")
+        notes = [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#notes li")]
+        assert notes == shown["notes"] and any("mask decoder" in note for note in notes)
+        assert (
+            driver.find_elements(By.CSS_SELECTOR, "#objects tbody tr")[0].find_elements(By.TAG_NAME, "td")[4].text == ""
+        )
+    finally:
+        driver.quit()
 
 
 def test_serve_command_logs_one_line_per_request(exports, images):
@@ -276,3 +331,23 @@ def test_load_benchmark_smoke(live):
     assert report["requests"] == 4 and report["errors"] == 0
     assert report["requests_per_s"] > 0 and report["ttft_p95_s"] >= report["ttft_p50_s"] > 0
     np.testing.assert_equal(report["completion_tokens"] > 0, True)
+
+
+def test_image_features_are_kept_least_recently_used_first_within_their_bound(tmp_path):
+    from paligemma_edge.runtime.model import ImageFeatures
+    from paligemma_edge.serve.image_cache import FeatureCache
+    from paligemma_edge.serve.metrics import Metrics
+
+    encoded = []
+
+    def encode(picture: Image.Image) -> ImageFeatures:
+        encoded.append(picture.size)
+        return ImageFeatures(np.zeros((4, 8), np.float32), picture.width, picture.height)
+
+    cache = FeatureCache(2 * 4 * 8 * 4, Metrics())  # two images' features
+    a, b, c = (Image.new("RGB", (4 + i, 4), (i, 0, 0)) for i in range(3))
+    a.save(tmp_path / "a.webp", lossless=True)
+    for image in (a, b, tmp_path / "a.webp", c, a, b):  # the WebP decodes to a's pixels; c pushes b out
+        cache.features(image, encode)
+    assert encoded == [a.size, b.size, c.size, b.size] and cache.bytes == 2 * 4 * 8 * 4 and len(cache.entries) == 2
+    assert FeatureCache(0, Metrics()).features(a, encode) is not None and len(encoded) == 5  # 0: nothing kept

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from paligemma_edge.runtime import spec
 from paligemma_edge.shapes.train import (
@@ -14,6 +15,7 @@ from paligemma_edge.shapes.train import (
     PATCH_OUTPUTS,
     TrainSettings,
     answer_pieces,
+    continued_settings,
     example_loss,
     grounding_loss,
     learning_rate,
@@ -320,6 +322,15 @@ def test_a_few_training_steps_give_a_checkpoint_the_exporter_verifies(tmp_path, 
     manifest = export_model(checkpoint, tmp_path / "export", ExportSettings(seg_decoder=checkpoint / "vae-oid.npz"))
     assert manifest.model_type == ("paligemma" if version == 1 else "paligemma2")
     assert manifest.verification["passed"] and manifest.verification["tokens_agree"]
+
+    # continued (`train-shapes --init-from`): its shape, VQ-VAE and tower kept, two more steps on today's mix
+    more = train(continued_settings(checkpoint, max_steps=2, seed=1), tmp_path / "more", progress=False)
+    again = json.loads((more / "training.json").read_text())
+    assert again["steps"] == 2 and again["continued_from"] == record and again["vqvae"] is None
+    assert again["vision_stage"] is None and again["settings"]["init_from"] == str(checkpoint)
+    assert (more / "vae-oid.npz").read_bytes() == (checkpoint / "vae-oid.npz").read_bytes()
+    before, after = (load_file(path / "model.safetensors") for path in (checkpoint, more))
+    assert all(np.array_equal(before[k], after[k]) == ("vision_tower" in k) for k in before if "layers.0." in k)
 
 
 @pytest.mark.slow

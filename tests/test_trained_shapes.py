@@ -12,9 +12,9 @@ import pytest
 
 from paligemma_edge.eval.data import read_examples
 from paligemma_edge.eval.run import evaluate
-from paligemma_edge.export.exporter import ExportSettings, export_model
+from paligemma_edge.export.exporter import export_model
 from paligemma_edge.quant.quantize import quantize_export
-from paligemma_edge.runtime import spec
+from paligemma_edge.runtime import spec, tasks
 from paligemma_edge.runtime.errors import CheckpointError
 from paligemma_edge.runtime.model import PaliGemma
 from paligemma_edge.runtime.recipes import RECIPES
@@ -30,19 +30,26 @@ INT4_LOSS = 0.03  # the issue's expectation of int4: within 3 points of fp32 on 
 
 @pytest.fixture(scope="module", params=SHIPPED, ids=lambda version: f"pg{version}")
 def exports(request, tmp_path_factory):
-    """(version, fp32 export, int4 export) of a shipped model, with its mask decoder."""
+    """(version, fp32 export, int4 export) of a shipped model; its mask decoder found in the checkpoint, as a user's
+    plain `export CKPT OUT` finds it."""
     checkpoint = trained_model(request.param)
     out = tmp_path_factory.mktemp(f"shapes-pg{request.param}")
-    export_model(checkpoint, out / "fp32", ExportSettings(seg_decoder=checkpoint / "vae-oid.npz"))
+    manifest = export_model(checkpoint, out / "fp32")
+    assert manifest.graphs["mask_decoder"].file == "mask_decoder.onnx"
     quantize_export(out / "fp32", out / "int4", RECIPES["int4"])
     return request.param, out / "fp32", out / "int4"
 
 
 @pytest.fixture(scope="module")
 def scores(exports):
+    """(version, {"fp32" | "int4" [+ " free"]: report}): with the grounding grammar (the default) and without."""
     version, fp32, int4 = exports
     examples = read_examples(HELDOUT_SET)
-    return version, {name: evaluate(PaliGemma.load(path), examples) for name, path in (("fp32", fp32), ("int4", int4))}
+    reports = {}
+    for name, path in (("fp32", fp32), ("int4", int4)):
+        model = PaliGemma.load(path)
+        reports[name], reports[f"{name} free"] = evaluate(model, examples), evaluate(model, examples, grammar=False)
+    return version, reports
 
 
 def test_the_shipped_weights_fit_and_say_how_they_were_trained():
@@ -54,6 +61,8 @@ def test_the_shipped_weights_fit_and_say_how_they_were_trained():
         assert record["settings"]["version"] == version and record["settings"]["minutes"] <= 60
         assert record["steps"] > 0 and 0 < record["seconds"] <= 60 * 60 + 60 and "seed" in record["settings"]
         assert "float16" in record["shipped"]["weights"]
+        earlier = record.get("continued_from")  # a fine-tune says what it continued
+        assert earlier is None or (earlier["settings"]["version"] == version and earlier["steps"] > 0)
         config = json.loads((checkpoint / "config.json").read_text())
         assert config["text_config"]["model_type"] == ("gemma" if version == 1 else "gemma2")
     with pytest.raises(ValueError, match="1 or 2"):
@@ -93,10 +102,60 @@ def test_the_export_matches_transformers_token_for_token(exports, scene, prompt,
 
 def test_heldout_quality_meets_the_bar_in_fp32_and_int4(scores):
     version, reports = scores
-    for name, report in reports.items():
+    for name in ("fp32", "int4"):
+        report = reports[name]
         for task, (metric, threshold) in BAR.items():
             assert report[task][metric] >= threshold, (version, name, task, metric, report[task])
     for task, metrics in reports["fp32"].items():
         for metric, value in metrics.items():
-            if metric != "examples":
+            if metric != "examples" and isinstance(value, float):
                 assert reports["int4"][task][metric] >= value - INT4_LOSS, (version, task, metric)
+
+
+INT8_ROUNDING = 0.01  # logits: how far an int4 export's multi-token call may round from its one-token steps
+
+
+def near_tie(model: PaliGemma, features, prompt: str, free: list[int], bound: list[int]) -> int:
+    """0 when the two outputs are equal; 1 when they part where the free logits nearly tie (int4 exports quantize
+    activations to int8 per call, so the call that carries forced tokens rounds a little differently from one
+    step's: a tie within INT8_ROUNDING may fall the other way); a bigger difference fails."""
+    if bound == free:
+        return 0
+    at = next(i for i, (a, b) in enumerate(zip(free, bound)) if a != b)
+    logits = model.score(features, prompt, free[:at])[-1]
+    assert abs(logits[free[at]] - logits[bound[at]]) < INT8_ROUNDING, (prompt, at, free, bound)
+    return 1
+
+
+def test_the_grammar_keeps_every_accepted_output_and_drops_nothing(exports, scores):
+    """On every held-out detect / segment example, fp32 and int4: an output the grammar accepts is decoded token for
+    token as without it (int4: but for a rare near-tie, `near_tie`); the parser drops nothing under it; no task
+    metric is worse than decoding freely."""
+    version, fp32, int4 = exports
+    _, reports = scores
+    for name, path in (("fp32", fp32), ("int4", int4)):
+        model, accepted, ties = PaliGemma.load(path), 0, 0
+        for example in read_examples(HELDOUT_SET):
+            task = tasks.task_of(example.prompt)
+            if not (task and task.localizes):
+                continue
+            features = model.encode_image(example.image)
+            free = model.generate(features, example.prompt)
+            bound = model.generate(features, example.prompt, constrained=True)
+            budget = tasks.default_max_new_tokens(example.prompt)
+            if model.grammar(example.prompt).accepts(free.token_ids, budget):
+                accepted += 1
+                if name == "fp32":
+                    assert bound.token_ids == free.token_ids, (version, name, example.prompt)
+                else:
+                    ties += near_tie(model, features, example.prompt, free.token_ids, bound.token_ids)
+            assert model.objects_from(bound, features).dropped == [], (version, name, example.prompt)
+        assert accepted >= 150 and ties <= accepted // 50, (version, name, accepted, ties)
+        grounding = [task for task in reports[name] if task.startswith(("detect", "segment"))]
+        assert len(grounding) == 4  # detect, segment, and each with one label absent
+        for task in grounding:
+            bound, free = reports[name][task], reports[f"{name} free"][task]
+            assert bound["dropped"] == bound["unasked"] == 0, (version, name, task)
+            for metric in ("precision", "recall", "map50", "mask_iou"):  # (the matched boxes' mean IoU: other boxes)
+                if metric in free:
+                    assert bound[metric] >= free[metric], (version, name, task, metric)

@@ -434,11 +434,12 @@ class LlamaCppDecoder:
                     logits[(int(r[index]), int(c[index]))] = self.main.logits(index)
             for row in rows.tolist():
                 cache.lengths[row] += 1
-        out = np.zeros((batch, chunk.logits_at.shape[1], self.vocab_size), np.float32)
+        vocab = chunk.vocab_rows
+        out = np.zeros((batch, chunk.logits_at.shape[1], self.vocab_size if vocab is None else len(vocab)), np.float32)
         for row in range(batch):
             for j, column in enumerate(chunk.logits_at[row].tolist()):
                 if (row, column) in logits:
-                    out[row, j] = logits[(row, column)]
+                    out[row, j] = logits[(row, column)] if vocab is None else logits[(row, column)][vocab]
         return out
 
 

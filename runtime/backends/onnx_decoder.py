@@ -76,6 +76,9 @@ def _run_on_device(
         raise graph_failed(Graph.DECODER, error) from error
 
 
+_NO_ROWS = np.zeros(0, np.int64)  # vocab_rows when every id's logit is wanted
+
+
 class OnnxCache:
     """The decoder's KV buffers and the flags of the tokens in them (for masks)."""
 
@@ -122,10 +125,11 @@ class OnnxDecoder:
         self.head_dim = lm.head_dim
         self.sliding_window = lm.sliding_window
         inputs = {i.name: i for i in session.get_inputs()}
+        self.shortlists = fmt.VOCAB_ROWS in inputs  # the graph computes only the logits asked for (older: all)
         self.cache_names = fmt.cache_input_names(lm.num_layers)
         self.new_names = fmt.cache_output_names(lm.num_layers)
         missing = [name for name in (*fmt.DECODER_INPUTS, *self.cache_names) if name not in inputs]
-        known = {*fmt.DECODER_INPUTS, fmt.SLIDING_ATTENTION_MASK, *self.cache_names}
+        known = {*fmt.DECODER_INPUTS, fmt.SLIDING_ATTENTION_MASK, fmt.VOCAB_ROWS, *self.cache_names}
         extra = sorted(set(inputs) - known)
         if missing or extra:
             raise CorruptExportError(
@@ -200,6 +204,8 @@ class OnnxDecoder:
             fmt.ATTENTION_MASK: place_in_buffer(mask, cache.kv.capacity),
             **dict(zip(self.cache_names, cache.kv.buffers)),
         }
+        if self.shortlists:
+            feeds[fmt.VOCAB_ROWS] = _NO_ROWS if chunk.vocab_rows is None else chunk.vocab_rows.astype(np.int64)
         if self.has_sliding:
             assert self.sliding_window is not None  # checked at load
             window = restrict_to_window(mask, layout.positions, layout.mask_ar, int(self.sliding_window))
@@ -214,4 +220,6 @@ class OnnxDecoder:
             outputs = {fmt.LOGITS: None, **dict(zip(self.new_names, new_keys_values))}
             logits = _run_into(self.session, feeds, outputs, Graph.DECODER, run_options)
         cache.kv.append(new_keys_values)
+        if chunk.vocab_rows is not None and not self.shortlists:  # a graph of every id's logits: keep those asked
+            logits = logits[..., chunk.vocab_rows]
         return logits.astype(np.float32, copy=False)
