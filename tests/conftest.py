@@ -72,8 +72,8 @@ def scripted_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def constrained_references(exports, images) -> dict[tuple[str, int, str], tuple[list[int], list[int]]]:
-    """transformers under the grounding grammar, one token at a time on full logits: (generated, output) per
+def constrained_references(exports, images) -> dict[tuple[str, int, str], tuple[list[int], list[int], int | None]]:
+    """transformers under the grounding grammar, one token at a time on full logits: (generated, output, near-tie) per
     (variant, image index, prompt), for pg1 and pg2 on the first two images."""
     from paligemma_edge import PaliGemma
 

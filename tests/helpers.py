@@ -89,13 +89,19 @@ CONSTRAINED_PROMPTS = ["detect house ; car", "segment car", "detect sun"]
 CONSTRAINED_BUDGET = 32
 
 
+NEAR_TIE = 2e-3  # logits: closer than a backend's rounding (llama.cpp's fp32 kernels differ from torch by ~1e-3)
+
+
 def hf_constrained(model, processor, image, prompt: str, grammar: GroundingGrammar, max_new_tokens: int):
     """The grounding grammar's choices made one token at a time on transformers' full logits (greedy), written
-    from grammar.py's rules: (every token generated, eos included; the output the grammar kept)."""
+    from grammar.py's rules: (every token generated, eos included; the output the grammar kept; the first step
+    whose choice was a near-tie, or None — random weights make ties that a backend's rounding may break the other
+    way, and no step after one can be compared)."""
     import torch
     from transformers import LogitsProcessor
 
     output: list[int] = []
+    tie_at: list[int] = []  # the first step whose two best candidates' logits nearly tie
 
     def take(token: int) -> None:
         if grammar.advance(token) and token != grammar.eos:
@@ -121,6 +127,9 @@ def hf_constrained(model, processor, image, prompt: str, grammar: GroundingGramm
                 if int(ids[logits[ids].argmax()]) not in allowed:
                     leave()
                     pool = ids
+            best = np.sort(logits[pool])[-2:]
+            if len(best) == 2 and best[1] - best[0] < NEAR_TIE and not tie_at:
+                tie_at.append(len(generated))
             choice = torch.full_like(scores, -torch.inf)
             choice[0, int(pool[logits[pool].argmax()])] = 0.0
             return choice
@@ -133,7 +142,7 @@ def hf_constrained(model, processor, image, prompt: str, grammar: GroundingGramm
     take(generated[-1])
     if grammar.open_separator:  # a separator no object followed is taken back
         del output[len(output) - len(grammar.spelling.separator) :]
-    return generated, output
+    return generated, output, (tie_at or [None])[0]
 
 
 def assert_constrained_as_referenced(runtime: PaliGemma, name: str, images, references) -> int:
@@ -143,13 +152,20 @@ def assert_constrained_as_referenced(runtime: PaliGemma, name: str, images, refe
     jobs = [(index, prompt) for index in range(2) for prompt in CONSTRAINED_PROMPTS]
     left = 0
     for index, prompt in jobs:
-        generated, output = references[name, index, prompt]
+        generated, output, tie = references[name, index, prompt]
         events = list(runtime.stream_tokens(images[index], prompt, CONSTRAINED_BUDGET, constrained=True))
-        got = events[-1].sequence.result()
-        assert [e.token_id for e in events] == generated and got.token_ids == output, (name, index, prompt)
+        got = [e.token_id for e in events]
+        if tie is not None:  # up to the tie, token for token
+            assert got[:tie] == generated[:tie], (name, index, prompt, tie)
+            continue
+        assert got == generated and events[-1].sequence.result().token_ids == output, (name, index, prompt)
         left += len(output) < len([t for t in generated if t != runtime.tokens.eos[0]])
-    batched = runtime.generate([images[i] for i, _ in jobs], [p for _, p in jobs], CONSTRAINED_BUDGET, constrained=True)
-    assert [r.token_ids for r in batched] == [references[name, i, p][1] for i, p in jobs], name
+    whole = [(i, p) for i, p in jobs if references[name, i, p][2] is None]
+    assert len(whole) >= len(jobs) // 2, (name, "too many near-ties to compare")
+    batched = runtime.generate(
+        [images[i] for i, _ in whole], [p for _, p in whole], CONSTRAINED_BUDGET, constrained=True
+    )
+    assert [r.token_ids for r in batched] == [references[name, i, p][1] for i, p in whole], name
     return left
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from paligemma_edge.export.attention import CUSTOM_TRANSLATIONS, attend, expand_chunked_attention
+from paligemma_edge.export.shortlisted_head import head_node
 from paligemma_edge.runtime.export_format import load_manifest
 
 from .helpers import QUERY_CHUNKS, run_cli
@@ -85,10 +86,12 @@ def test_scan_over_query_chunks_equals_direct_attention(chunked_graph, batch, se
 def test_exported_graphs_compute_scores_only_inside_the_chunk_loop(exported, graph):
     """No Softmax (hence no whole [heads, S, T] score tensor) in the main graph: per layer, an If runs the
     attention on the whole query when it is one chunk (a decode step) and a Scan over chunks otherwise."""
-    nodes = onnx.load(str(exported.export_dir / graph), load_external_data=False).graph.node
+    model = onnx.load(str(exported.export_dir / graph), load_external_data=False)
+    nodes = model.graph.node
     config = exported.manifest["vision" if graph == "vision.onnx" else "language_model"]
     assert "Softmax" not in [node.op_type for node in nodes]
-    branches = [node for node in nodes if node.op_type == "If"]
+    head = head_node(model.graph) if graph == "decoder.onnx" else None  # the shortlisted LM head's If
+    branches = [node for node in nodes if node.op_type == "If" and node is not head]
     assert len(branches) == config["num_layers"]
     for node in branches:
         chunked = next(attr.g for attr in node.attribute if attr.name == "else_branch")

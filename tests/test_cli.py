@@ -28,8 +28,23 @@ def test_run_json_matches_api(exports, images, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    expected = PaliGemma.load(export_dir).generate(image, "detect house ; car", max_new_tokens=12)
+    model = PaliGemma.load(export_dir)  # a detect prompt decodes under the grounding grammar, unless --no-grammar
+    expected = model.generate(image, "detect house ; car", max_new_tokens=12, constrained=True)
     assert report["token_ids"] == expected.token_ids and report["text"] == expected.text
+    free = run_cli(
+        "run",
+        export_dir,
+        "--image",
+        image,
+        "--prompt",
+        "detect house ; car",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--no-grammar",
+    )
+    unconstrained = model.generate(image, "detect house ; car", max_new_tokens=12)
+    assert json.loads(free.stdout)["token_ids"] == unconstrained.token_ids != expected.token_ids
     assert report["image_size"] == [images[0].width, images[0].height]
     assert {"load_s", "preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_tok_s"} <= set(report["timings"])
     assert report["finish_reason"] == expected.finish_reason

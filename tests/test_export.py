@@ -124,7 +124,7 @@ def test_demo_job(tmp_path, capsys):
     drawing = Image.open(report["drawing"])
     colours = np.unique(np.asarray(drawing).reshape(-1, 3), axis=0)
     assert drawing.size == (224, 224) and len(colours) > 10  # the scene with boxes and masks on it
-    assert set(report["eval"]) >= {"fp32", "int4"} and report["eval"]["examples"] == 384
+    assert set(report["eval"]) >= {"fp32", "int4"} and report["eval"]["examples"] == len(read_examples(HELDOUT_SET))
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["timings_s"]) >= {"export_and_verify_s", "quantize_int4_s", "eval_fp32_s", "eval_int4_s"}
 
