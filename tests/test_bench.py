@@ -290,3 +290,46 @@ def test_decode_floor_times_every_weight_product_of_a_step(exports, tmp_path, va
     assert sorted(export.iterdir()) == files  # the products graph is loaded from memory, never written
     missing = subprocess.run(command[:-1] + [str(tmp_path / "nothing")], capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+
+
+def probe(name: str, *args) -> dict:
+    """A probe's --json report, run as a user runs it."""
+    command = [sys.executable, "-m", f"paligemma_edge.benchmarks.probes.{name}", *map(str, args), "--json"]
+    out = subprocess.run(command, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.slow
+def test_grounding_steps_times_both_ways_and_counts_calls(exports):
+    """grounding_steps (docs/performance.md, "Grounding under the grammar") on the tiny pg1 export: the fixed
+    detect answer takes fewer decoder calls under the grammar (its forced tokens ride along), the segment answer
+    as many, and a box step reads the body and the head's shortlisted rows only."""
+    report = probe("grounding_steps", exports["pg1"].export_dir, "--runs", "1", "--threads", "1")
+    detect, segment = report["tasks"]["detect, 3 objects"], report["tasks"]["segment, 1 object"]
+    assert detect["free"]["decoder_calls"] == detect["answer_tokens"]  # one call per token, the first in prefill
+    assert detect["grammar"]["decoder_calls"] + detect["grammar"]["forced_tokens"] == detect["free"]["decoder_calls"]
+    assert segment["grammar"]["steps"]["box"] >= 20 and all(s > 0 for s in segment["grammar"]["step_ms"].values())
+    per_step = report["weight_bytes_per_step"]
+    assert per_step["free"] - per_step["box"] < report["head_bytes"] < per_step["free"]
+    assert report["machine"]["cpu"] and report["box_step_speedup"] > 0
+
+
+@pytest.mark.slow
+def test_label_throughput_runs_each_engine_and_refuses_error_records(exports, images, tmp_path):
+    """label_throughput (docs/labelling.md) on the tiny pg1 export: every local batch size and a Ray run label
+    every image; images that cannot be read fail the probe instead of timing error records."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(images[:3]):
+        image.save(folder / f"{index}.png")
+    args = ["--task", "detect", "--labels", "house ; car", "--max-new-tokens", "8", "--threads", "1"]
+    report = probe("label_throughput", exports["pg1"].export_dir, folder, *args, "--batches", "1", "2", "--ray", "1x1")
+    assert list(report["runs"]) == ["local, batch 1", "local, batch 2", "ray, 1 actor(s) × 1 thread(s), batch 8"]
+    assert all(
+        run["labelled"] == 3 and run["errors"] == 0 and run["images_per_s"] > 0 for run in report["runs"].values()
+    )
+    (folder / "broken.png").write_bytes(b"not an image")
+    broken = [sys.executable, "-m", "paligemma_edge.benchmarks.probes.label_throughput", str(exports["pg1"].export_dir)]
+    out = subprocess.run([*broken, str(folder), *args, "--batches", "1", "--ray"], capture_output=True, text=True)
+    assert out.returncode != 0 and "1 images failed" in out.stderr

@@ -412,3 +412,18 @@ def test_loading_a_gguf_export_imports_no_onnxruntime_decoder_code(gguf_exports,
     loaded = out.stdout.strip()
     assert "backends.llamacpp" in loaded and "backends.onnx_vision" in loaded
     assert "backends.onnx_decoder" not in loaded
+
+
+def test_llamacpp_head_probe_times_three_ways_and_reads_the_hidden_state(gguf_exports, exports):
+    """llamacpp_head (docs/performance.md, "Grounding under the grammar"): one step with logits, with the final
+    hidden state only, and with no output, each timed; the hidden state it reads is finite. An ONNX export is
+    refused with a clear error."""
+    probe = [sys.executable, "-m", "paligemma_edge.benchmarks.probes.llamacpp_head"]
+    options = ["--steps", "2", "--context", "20", "--threads", "1", "--json"]
+    out = subprocess.run([*probe, str(gguf_exports["pg1"]), *options], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert set(report["step_ms"]) == {"logits", "embeddings", "no output"} and min(report["step_ms"].values()) > 0
+    assert report["embeddings_hold_the_final_hidden_state"] and report["context_tokens"] == 20
+    onnx = subprocess.run([*probe, str(exports["pg1"].export_dir), *options], capture_output=True, text=True)
+    assert onnx.returncode == 1 and "--backend llamacpp" in onnx.stderr and "Traceback" not in onnx.stderr

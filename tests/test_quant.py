@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from PIL import Image
 
 from paligemma_edge import PaliGemma
@@ -131,6 +132,17 @@ def test_int8_graphs_hold_integer_weights(quantized):
         next(a.i for a in n.attribute if a.name == "bits") for n in decoder.graph.node if n.op_type == "MatMulNBits"
     }
     assert bits == {8} and graph_ops(quantized["int8"]["dir"] / "decoder.onnx")["MatMulNBits"] == 15
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_vision_int8_weights_keep_seven_bits(quantized, recipe):
+    """u8×s8 GEMMs on CPUs without VNNI add pairs of products in int16: 8-bit weights overflow it (the shapes
+    PaliGemma 2's int4 segment lost 3.7 points of mask IoU on an AVX2 EPYC), 7-bit ones cannot."""
+    model = onnx.load(str(quantized[recipe]["dir"] / "vision.onnx"))
+    int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    weights = {i.name: numpy_helper.to_array(i) for i in int8}
+    used = [weights[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger" and n.input[1] in weights]
+    assert used and max(int(np.abs(w.astype(np.int16)).max()) for w in used) <= 64
 
 
 @pytest.mark.parametrize("block", [64, 256])  # 256: wider than the tiny model's 64-wide rows (padded)

@@ -33,7 +33,10 @@ def label_run(export_dir: Path, items: Path, out: Path, task: str, labels: str |
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"error: {' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    return {"command": " ".join(command[3:]), "wall_s": round(wall, 2), **json.loads(done.stdout.splitlines()[-1])}
+    summary = json.loads(done.stdout.splitlines()[-1])
+    if summary["errors"]:  # the speed of error records says nothing
+        raise SystemExit(f"error: {summary['errors']} images failed in {out}: {out.read_text()[:1000]}")
+    return {"command": " ".join(command[3:]), "wall_s": round(wall, 2), **summary}
 
 
 def measure(args) -> dict:
@@ -43,7 +46,7 @@ def measure(args) -> dict:
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as work:
         listing = Path(work) / "images.txt"  # the same images, in order, for every run
-        listing.write_text("".join(f"{item.path}\n" for item in items))
+        listing.write_text("".join(f"{Path(str(item.path)).resolve()}\n" for item in items))  # read from elsewhere
         common = ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
         plans = [(f"local, batch {b}", ["--batch", str(b), "--threads", str(args.threads or 2)]) for b in args.batches]
         for spec in args.ray:
