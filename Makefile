@@ -4,8 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # the folders installed as paligemma_edge.<name> (pyproject's package-dir)
 PACKAGES := export quant runtime benchmarks serve eval label shapes random_checkpoints
-# llama-cpp-python builds from source: portable x86-64 (AVX2/FMA/F16C), never -march=native or AMX, which die
-# with SIGILL on VMs that advertise AMX without allowing it. pip caches the wheel (~10 min on 2 cores once).
+# llama-cpp-python builds from source: portable x86-64 (AVX2/FMA/F16C), never -march=native or AMX: ggml's AMX code
+# dies with SIGILL where Linux grants AMX only on request (arch_prctl). pip caches the wheel (~10 min on 2 cores once).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
