@@ -71,6 +71,11 @@ def label(args: argparse.Namespace) -> int:
         raise PaliGemmaEdgeError("--format parquet is written by Ray Data's writer: add --engine ray (or use jsonl).")
     if args.format == "parquet" and args.resume:
         raise PaliGemmaEdgeError("--resume continues a JSONL or COCO job; a Parquet job runs whole.")
+    journal_path = Path(f"{args.out}.records.jsonl") if args.format == "coco" else args.out
+    if args.format == "coco" and args.out.exists() and not (args.overwrite or args.resume and journal_path.exists()):
+        raise PaliGemmaEdgeError(
+            f"{args.out} exists: --overwrite replaces it; --resume continues the job whose records are {journal_path}."
+        )
     items = read_items(args.input, args.column)  # all of this fails before the model loads
     check_model_options(args, args.export_dir)
     if args.format == "parquet":
@@ -78,7 +83,6 @@ def label(args: argparse.Namespace) -> int:
     else:
         from .journal import Journal
 
-        journal_path = Path(f"{args.out}.records.jsonl") if args.format == "coco" else args.out
         with Journal(journal_path, args.resume, args.overwrite) as journal:
             if args.engine == "local":
                 summary = label_locally(load_model(args, args.export_dir), items, job, journal, args.batch)

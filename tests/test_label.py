@@ -190,6 +190,11 @@ def test_coco_output_loads_in_pycocotools(scripted_export, image_folder, tmp_pat
         mask = coco.annToMask(annotation)
         assert mask.shape == (image["height"], image["width"]) and mask.sum() == annotation["area"]
         assert annotation["bbox"] == obj["bbox_xywh"] and annotation["score"] == obj["score"]
+    (tmp_path / "cars.json.records.jsonl").unlink()  # a COCO file no job of this OUT wrote is the user's: kept
+    job = ["--format", "coco", "--task", "detect", "--labels", "car"]
+    again = run_cli("label", scripted_export, image_folder, "--out", out, *job)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert COCO(str(out)).getAnnIds() == coco.getAnnIds()
 
 
 def test_bad_jobs_fail_before_the_first_image(exports, image_folder, tmp_path):
