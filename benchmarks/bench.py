@@ -219,10 +219,14 @@ def run_bench(
 
 def table(report: dict) -> str:
     m = report["machine"]
+    amx = ""
+    if "amx_tile" in m.get("cpu_flags", []):
+        amx = "AMX usable · " if m.get("amx_usable") else "AMX advertised, not granted · "
     lines = [
-        f"{m['cpu']} ({' '.join(m.get('cpu_flags', []))}) · {m['threads']} threads · {m['ram_gb']} GB · "
+        f"{m['cpu']} ({' '.join(m.get('cpu_flags', []))}) · {amx}{m['threads']} threads · {m['ram_gb']} GB · "
         f"onnxruntime {m['onnxruntime']} · "
-        f"bandwidth {m['bandwidth_gbs']} GB/s · matmul {m['matmul_gflops']} GFLOP/s",
+        f"bandwidth {m['bandwidth_gbs']} GB/s · matmul {m['matmul_gflops']} GFLOP/s fp32, "
+        f"{m.get('int8_matmul_gops', '?')} GOP/s int8",
         f"{'target':<34} {'backend':<12} {'prec':<6} {'load s':>7} {'vision s':>8} {'prefill s':>9} {'TTFT s':>7} "
         f"{'tok/s':>7} {'step ms 1st/last':>17} {'peak GB':>7} {'disk GB':>7} {'roof %':>6} {'best':>6} {'GB/s':>5}",
     ]
@@ -239,6 +243,8 @@ def table(report: dict) -> str:
             f"{'' if best is None else f'{100 * best:5.1f}%':>6} {'' if streamed is None else f'{streamed:5.1f}':>5}"
         )
     for r in report["results"]:
+        if r.get("backend_build"):  # llama.cpp: the CPU variant loaded and the features its code uses
+            lines.append(f"{Path(r['target']).name}: {r['backend_build']}")
         if "vs_transformers_fp32" in r:
             v = r["vs_transformers_fp32"]
             lines.append(

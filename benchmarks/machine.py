@@ -44,20 +44,33 @@ def _best(fn, repeats: int = 5) -> float:
     return min(run_times(fn, repeats))
 
 
-def _ort_matmul(m: int, k: int, n: int, threads: int | None):
-    """An onnxruntime session computing x[m,k] @ W[k,n] with W a constant initializer."""
+def ort_matmul(m: int, k: int, n: int, threads: int | None, int8: bool = False):
+    """An onnxruntime session computing x[m,k] @ W[k,n] with W a constant initializer: fp32 (MatMul), or int8 as
+    the int8 recipes' graphs run it (DynamicQuantizeMatMul: u8 activations × s8 weights, MLAS's QGEMM, whose AMX
+    kernels run where Linux grants AMX)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = np.random.default_rng(0).random((k, n), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    if int8:
+        weights = [
+            numpy_helper.from_array(rng.integers(-64, 64, (k, n), dtype=np.int8), "W"),
+            numpy_helper.from_array(np.full(n, 0.01, np.float32), "scale"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "zero"),
+        ]
+        node = helper.make_node("DynamicQuantizeMatMul", ["x", "W", "scale", "zero"], ["y"], domain="com.microsoft")
+    else:
+        weights = [numpy_helper.from_array(rng.random((k, n), dtype=np.float32), "W")]
+        node = helper.make_node("MatMul", ["x", "W"], ["y"])
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [node],
         "mm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-        [numpy_helper.from_array(weight, "W")],
+        weights,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     options = ort.SessionOptions()
     if threads:
@@ -75,24 +88,27 @@ def gemv_bandwidth(threads: int | None, repeats: int = 5) -> float:
     """GB/s of an onnxruntime GEMV streaming a 1 GiB weight (decode's access pattern), best of ``repeats``."""
     k = 4096
     n = GEMV_BYTES // 4 // k
-    return k * n * 4 / _best(_ort_matmul(1, k, n, threads), repeats) / 1e9
+    return k * n * 4 / _best(ort_matmul(1, k, n, threads), repeats) / 1e9
 
 
 def roofline(threads: int | None) -> dict:
     """Memory bandwidth (GB/s) and fp32 matmul throughput (GFLOP/s), the best of a few runs.
 
     Bandwidth is the higher of a numpy copy (256 MB read + written) and an onnxruntime GEMV over a
-    1 GiB weight (decode's access pattern); throughput an onnxruntime 512×2048×2048 MatMul.
+    1 GiB weight (decode's access pattern); throughput an onnxruntime 512×2048×2048 MatMul, fp32 and int8 (the
+    int8 one shows AMX where it runs: several times the VNNI rate).
     """
     source = np.ones(GEMV_BYTES // 4 // 4, np.float32)
     target = np.empty_like(source)
     copy_gbs = 2 * source.nbytes / _best(lambda: np.copyto(target, source)) / 1e9
     gemv_gbs = gemv_bandwidth(threads)
     m, k, n = 512, 2048, 2048
-    gflops = 2 * m * k * n / _best(_ort_matmul(m, k, n, threads)) / 1e9
+    gflops = 2 * m * k * n / _best(ort_matmul(m, k, n, threads)) / 1e9
+    int8_gops = 2 * m * k * n / _best(ort_matmul(m, k, n, threads, int8=True)) / 1e9
     return {
         "bandwidth_gbs": round(max(copy_gbs, gemv_gbs), 2),
         "numpy_copy_gbs": round(copy_gbs, 2),
         "ort_gemv_gbs": round(gemv_gbs, 2),
         "matmul_gflops": round(gflops, 1),
+        "int8_matmul_gops": round(int8_gops, 1),
     }

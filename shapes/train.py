@@ -529,7 +529,8 @@ def pretrain_vision(model, patch_head, processor, settings: TrainSettings, progr
 def train(settings: TrainSettings, out_dir: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
     """Train (the VQ-VAE first, then the model) until ``minutes`` in all, or ``max_steps``; write the checkpoint
     and its `vae-oid.npz` to OUT (whole, or not at all)."""
-    # bf16 matmuls go through oneDNN: cap it below AMX, which some VMs advertise without allowing (SIGILL)
+    # bf16 matmuls go through oneDNN, capped below AMX as the shipped models were trained (oneDNN asks Linux for AMX
+    # itself and gets it on the Xeon VMs; the cap keeps one kernel family, and its rounding, across CPU kinds)
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     import torch
     from tqdm import tqdm

@@ -54,9 +54,14 @@ class Exported:
 PROMPTS = ["caption en", "detect house ; car", "answer en what is on the table?"]
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    """`paligemma-edge ARGS…` in a fresh interpreter, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "paligemma_edge.cli", *map(str, args)], capture_output=True, text=True)
+def run_cli(*args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`paligemma-edge ARGS…` in a fresh interpreter, as a user runs it (``env``: variables added to ours)."""
+    return subprocess.run(
+        [sys.executable, "-m", "paligemma_edge.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env} if env else None,
+    )
 
 
 def load_hf(checkpoint: Path):

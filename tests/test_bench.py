@@ -57,11 +57,10 @@ def test_bench_cli_smoke(exports, tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(report_path.read_text())
     machine = report["machine"]
-    assert {"cpu", "cpu_flags", "threads", "ram_gb", "onnxruntime", "numpy", "bandwidth_gbs", "matmul_gflops"} <= set(
-        machine
-    )
+    keys = {"cpu", "cpu_flags", "amx_usable", "threads", "ram_gb", "onnxruntime", "numpy", "bandwidth_gbs"}
+    assert keys | {"matmul_gflops", "int8_matmul_gops"} <= set(machine)
     assert isinstance(machine["cpu_flags"], list)
-    assert machine["bandwidth_gbs"] > 0 and machine["matmul_gflops"] > 0
+    assert machine["bandwidth_gbs"] > 0 and machine["matmul_gflops"] > 0 and machine["int8_matmul_gops"] > 0
     onnx_results = [r for r in report["results"] if r["backend"] == "onnxruntime"]
     hf_results = [r for r in report["results"] if r["backend"].startswith("transformers")]
     assert len(onnx_results) == 2 and len(hf_results) == 1
@@ -333,3 +332,13 @@ def test_label_throughput_runs_each_engine_and_refuses_error_records(exports, im
     broken = [sys.executable, "-m", "paligemma_edge.benchmarks.probes.label_throughput", str(exports["pg1"].export_dir)]
     out = subprocess.run([*broken, str(folder), *args, "--batches", "1", "--ray"], capture_output=True, text=True)
     assert out.returncode != 0 and "1 images failed" in out.stderr
+
+
+def test_the_int8_matmul_probe_computes_the_product():
+    """The int8 throughput probe runs a real product: ones × W (int8 weights at scale 0.01) = W's column sums."""
+    from paligemma_edge.benchmarks.machine import ort_matmul
+
+    run = ort_matmul(4, 256, 64, threads=1, int8=True)
+    output = run()[0]
+    weights = np.random.default_rng(0).integers(-64, 64, (256, 64), dtype=np.int8)
+    np.testing.assert_allclose(output, np.tile(weights.sum(0) * 0.01, (4, 1)), rtol=1e-3, atol=1e-3)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 import threading
@@ -17,7 +19,9 @@ from paligemma_edge import PaliGemma
 from paligemma_edge.export.exporter import ExportSettings, export_model
 from paligemma_edge.quant.compare import compare_exports, default_images
 from paligemma_edge.quant.quantize import quantize_export
-from paligemma_edge.runtime.backends.llamacpp import build_info
+from paligemma_edge.runtime.backends.ggml_cpu import VARIANT_ENV, CpuVariant, choose
+from paligemma_edge.runtime.backends.llamacpp import build_info, cpu_choice
+from paligemma_edge.runtime.cpu import amx_usable
 from paligemma_edge.runtime.errors import BackendBuildError, GenerationError, QuantizationError
 from paligemma_edge.runtime.recipes import get_recipe
 
@@ -315,9 +319,96 @@ def test_vocabulary_and_build_are_what_llama_cpp_reports(gguf_exports):
         token_id = runtime.tokenizer.token_to_id(token)
         assert llama_cpp.llama_vocab_get_text(vocab, token_id).decode() == token
     info = build_info()
-    assert info.startswith(f"llama-cpp-python {llama_cpp.__version__}") and "AMX" not in info
+    assert info.startswith(f"llama-cpp-python {llama_cpp.__version__}")
+    assert "AMX_INT8 = 1" not in info or amx_usable()  # AMX code only where Linux granted it
     out = run_cli("info", gguf_exports["pg2"])
     assert out.returncode == 0 and "decoder (llamacpp)" in out.stdout and "llama-cpp-python" in out.stdout
+
+
+# what each of ggml's x86-64 CPU variants needs, in /proc/cpuinfo's names (the list in ggml/src/CMakeLists.txt)
+_HASWELL = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
+_AVX512 = _HASWELL | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
+X86_VARIANT_NEEDS = {
+    "x64": set(),
+    "sse42": {"sse4_2"},
+    "sandybridge": {"sse4_2", "avx"},
+    "ivybridge": {"sse4_2", "avx", "f16c"},
+    "piledriver": {"sse4_2", "avx", "f16c", "fma"},
+    "haswell": _HASWELL,
+    "alderlake": _HASWELL | {"avx_vnni"},
+    "skylakex": _AVX512,
+    "cannonlake": _AVX512 | {"avx512vbmi"},
+    "cascadelake": _AVX512 | {"avx512_vnni"},
+    "icelake": _AVX512 | {"avx512vbmi", "avx512_vnni"},
+    "cooperlake": _AVX512 | {"avx512_vnni", "avx512_bf16"},
+    "zen4": _AVX512 | {"avx512vbmi", "avx512_vnni", "avx512_bf16"},
+    "sapphirerapids": _AVX512 | {"avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"},
+}
+
+
+def _proc_cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the variants listed are x86-64's")
+def test_the_loaded_cpu_variant_is_the_best_this_cpu_may_run():
+    """One install, the kernels of the CPU it runs on: the variant loaded needs nothing /proc/cpuinfo lacks (AMX
+    only where Linux granted it) and no installed variant the CPU runs needs strictly more; AVX-512 where the CPU
+    has it. ggml's own scores agree with the flags on every installed variant."""
+    choice = cpu_choice()
+    assert choice.variant is not None, "this llama-cpp-python has its CPU code linked in: `make setup` builds variants"
+    flags = _proc_cpu_flags()
+    allowed = flags if amx_usable() else flags - {"amx_tile", "amx_int8"}
+    installed = {variant.name for variant in choice.variants}
+    assert installed == set(X86_VARIANT_NEEDS)
+    assert {variant.name for variant in choice.variants if variant.amx} == {"sapphirerapids"}
+    runnable = {name for name in installed if X86_VARIANT_NEEDS[name] <= allowed}
+    assert {variant.name for variant in choice.variants if variant.runs_here} == runnable
+    loaded = X86_VARIANT_NEEDS[choice.variant.name]
+    assert choice.variant.name in runnable
+    assert not [name for name in runnable if loaded < X86_VARIANT_NEEDS[name]]
+    features = llama_cpp.llama_print_system_info().decode()
+    assert ("AVX512 = 1" in features) == ("avx512f" in flags) == ("avx512f" in loaded)
+    assert ("AVX2 = 1" in features) == ("avx2" in loaded)
+    assert ("AMX_INT8 = 1" in features) == ("amx_int8" in loaded)
+    assert f"CPU variant {choice.variant.name}" in build_info()
+
+
+def test_amx_code_is_chosen_only_where_linux_granted_it(tmp_path):
+    """On a CPU that advertises AMX without granting it, the AMX variant scores highest but is passed over (the
+    choice of this machine's variants is in the test above; this is the case the Xeon VMs present)."""
+    path = tmp_path / "module.so"
+    amx = CpuVariant("sapphirerapids", path, 4000, amx=True, runs_here=False)
+    zen4 = CpuVariant("zen4", path, 2000, amx=False, runs_here=True)
+    alderlake = CpuVariant("alderlake", path, 100, amx=False, runs_here=True)
+    assert choose((alderlake, amx, zen4), None) is zen4
+    assert choose((alderlake, CpuVariant("sapphirerapids", path, 4000, amx=True, runs_here=True), zen4), None).amx
+    with pytest.raises(BackendBuildError, match="needs AMX, which Linux has not granted"):
+        choose((amx, zen4), "sapphirerapids")
+    with pytest.raises(BackendBuildError, match="none of llama.cpp's CPU variants runs"):
+        choose((amx,), None)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the variants named are x86-64's")
+def test_a_variant_chosen_by_name_loads_and_one_this_cpu_cannot_run_is_refused(gguf_exports, tmp_path, images):
+    """PALIGEMMA_EDGE_LLAMA_CPU=x64 runs the baseline kernels (same tokens on the f32 export); a variant the CPU
+    lacks instructions for, or an unknown name, is a typed error before any decode, never SIGILL."""
+    images[0].save(tmp_path / "a.png")
+    args = ("run", gguf_exports["pg1"], "--image", tmp_path / "a.png", "--prompt", "caption en", "--json")
+    best = json.loads(run_cli(*args).stdout)
+    baseline = run_cli(*args, env={VARIANT_ENV: "x64"})
+    assert baseline.returncode == 0, baseline.stderr
+    assert json.loads(baseline.stdout)["token_ids"] == best["token_ids"]
+    script = "from paligemma_edge.runtime.backends.llamacpp import build_info; print(build_info())"
+    shown = subprocess.run([sys.executable, "-c", script], env={**os.environ, VARIANT_ENV: "x64"}, capture_output=True)
+    assert b"CPU variant x64" in shown.stdout and b"AVX2 = 1" not in shown.stdout
+    unusable = [variant.name for variant in cpu_choice().variants if not variant.runs_here] + ["no-such-cpu"]
+    for name in unusable:
+        refused = run_cli(*args, env={VARIANT_ENV: name})
+        assert refused.returncode == 2 and VARIANT_ENV in refused.stderr and "Traceback" not in refused.stderr, name
 
 
 def test_export_cli_with_a_gguf_recipe_and_without_llama_cpp(exports, tmp_path, images):

@@ -24,6 +24,7 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from ..backend import DecoderChunk, RowsBusy
 from ..cpu import amx_usable
 from ..errors import BackendBuildError, CorruptExportError, GenerationError
 from ..export_format import IMAGE_SLOT, Graph, Manifest, Precision
+from .ggml_cpu import CpuChoice, load_backends
 from .options import LARGE_PREFIX, LlamaCppOptions
 
 _CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}
@@ -45,29 +47,42 @@ _PREFIX_ALLOWANCE = 512  # tokens per sequence beyond the image tokens, for the 
 _DEFAULT_SEQUENCES = 4
 _WINDOW_KEY = b"gemma2.attention.sliding_window"
 _log_callback = None  # kept alive: llama.cpp calls it from C
+_cpu_choice: CpuChoice | None = None
+_init_lock = threading.Lock()
 
 
-def _init_library() -> None:
-    """Once per process: backends registered, llama.cpp's log silenced unless PALIGEMMA_EDGE_LLAMA_LOG=1."""
-    global _log_callback
-    if _log_callback is not None:
-        return
+def _init_library() -> CpuChoice:
+    """Once per process: llama.cpp's log silenced unless PALIGEMMA_EDGE_LLAMA_LOG=1, the CPU variant (and any GPU
+    module) loaded, then llama.cpp initialised — which by itself would load whatever ggml finds in the working
+    directory."""
+    global _log_callback, _cpu_choice
+    with _init_lock:
+        if _cpu_choice is not None:
+            return _cpu_choice
 
-    @llama_cpp.llama_log_callback
-    def quiet(level, text, user_data):  # noqa: ARG001 — the C signature
-        if os.environ.get("PALIGEMMA_EDGE_LLAMA_LOG"):
-            print(text.decode(errors="replace"), end="", flush=True)
+        @llama_cpp.llama_log_callback
+        def quiet(level, text, user_data):  # noqa: ARG001 — the C signature
+            if os.environ.get("PALIGEMMA_EDGE_LLAMA_LOG"):
+                print(text.decode(errors="replace"), end="", flush=True)
 
-    _log_callback = quiet
-    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
+        _log_callback = quiet
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        choice = load_backends(Path(llama_cpp.__file__).parent / "lib")
+        llama_cpp.llama_backend_init()
+        _cpu_choice = choice
+        return choice
+
+
+def cpu_choice() -> CpuChoice:
+    """The CPU variant this process runs llama.cpp on, and the installed ones it was chosen from."""
+    return _init_library()
 
 
 def build_info() -> str:
-    """The llama-cpp-python version and the CPU features its llama.cpp build uses."""
-    _init_library()
+    """The llama-cpp-python version, the CPU variant loaded and the CPU features its code uses."""
+    choice = _init_library()
     features = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
-    return f"llama-cpp-python {llama_cpp.__version__}; {features}"
+    return f"llama-cpp-python {llama_cpp.__version__}; {choice.describe()}; {features}"
 
 
 def check_build() -> str:
@@ -75,10 +90,9 @@ def check_build() -> str:
     info = build_info()
     if "AMX_INT8 = 1" in info and not amx_usable():
         raise BackendBuildError(
-            f"this llama-cpp-python was built with AMX, which this machine advertises but does not allow: its first "
-            f'decode would die with SIGILL ({info}). Reinstall it portable: CMAKE_ARGS="-DGGML_NATIVE=OFF '
-            '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install --no-cache-dir '
-            "--force-reinstall llama-cpp-python (or `make setup` in a fresh venv)."
+            f"this llama-cpp-python has AMX code linked in, which this machine advertises but does not allow: its "
+            f"first decode would die with SIGILL ({info}). Reinstall it with its CPU variants: `make setup` in a "
+            "fresh venv."
         )
     return info
 
@@ -234,6 +248,7 @@ class LlamaCppCache:
 
 def check_options(options: LlamaCppOptions) -> None:
     """Refuse what this build cannot do before any long work."""
+    _init_library()  # the modules loaded first: llama.cpp would load its own
     if options.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
         raise BackendBuildError(
             f"gpu_layers={options.gpu_layers} asks for GPU offload, but this llama-cpp-python has no GPU backend "
