@@ -170,23 +170,36 @@ def run_bench(
     rounds: int = 1,
     gpu_layers: int = 0,
     provider: str = "cpu",
+    llama_cpus: tuple[str, ...] = (),
 ) -> dict:
+    """Each export (on llama.cpp: once per CPU variant of ``llama_cpus``, if given) and each transformers baseline
+    measured in processes of their own, ``rounds`` times round-robin."""
     machine = {**machine_info(threads), **roofline(threads)}
 
     def job(kind: str, target: Path, **extra: Any) -> WorkerRequest:
         return WorkerRequest(kind, str(target), str(image), prompt, new_tokens, repeat, threads, **extra)
 
-    jobs = [job("export", Path(d), gpu_layers=gpu_layers, provider=provider) for d in dirs]
+    def variants(export_dir: Path) -> tuple[str | None, ...]:
+        on_llama = load_manifest(export_dir).decoder_backend == DecoderBackend.LLAMACPP
+        return llama_cpus if on_llama and llama_cpus else (None,)
+
+    jobs = [
+        job("export", Path(d), gpu_layers=gpu_layers, provider=provider, llama_cpu=variant)
+        for d in dirs
+        for variant in variants(Path(d))
+    ]
     jobs += [job("hf", baseline_hf, dtype=dtype) for dtype in hf_dtypes] if baseline_hf else []
     measured: list[list[dict]] = [[] for _ in jobs]
     with tqdm(total=rounds * len(jobs), desc="bench", unit="target") as bar:
         for _ in range(rounds):
             for request, runs in zip(jobs, measured):
-                bar.set_postfix_str(Path(request.target).name + (f" {request.dtype}" if request.kind == "hf" else ""))
+                dtype = f" {request.dtype}" if request.kind == "hf" else ""
+                bar.set_postfix_str(_label(request.target, request.llama_cpu) + dtype)
                 runs.append(_run_worker(request))
                 bar.update()
     results = [
         describe_export(Path(request.target), merge_rounds(runs), new_tokens, machine, provider)
+        | ({"llama_cpu": request.llama_cpu} if request.llama_cpu else {})
         for request, runs in zip(jobs, measured)
         if request.kind == "export"
     ]
@@ -217,6 +230,11 @@ def run_bench(
     }
 
 
+def _label(target: str, variant: str | None) -> str:
+    """A target's name in the progress bar and the table: the directory, and the llama.cpp CPU variant asked for."""
+    return Path(target).name + (f" @{variant}" if variant else "")
+
+
 def table(report: dict) -> str:
     m = report["machine"]
     amx = ""
@@ -235,20 +253,22 @@ def table(report: dict) -> str:
         best = r.get("roofline", {}).get("decode_fraction_best")
         streamed = r.get("roofline", {}).get("decode_gbs")
         disk = r.get("bytes_on_disk")
+        name = _label(r["target"], r.get("llama_cpu"))
         lines.append(
-            f"{Path(r['target']).name[:34]:<34} {r['backend'][:12]:<12} {r['precision']:<6} {r['load_s']:7.2f} "
+            f"{name[:34]:<34} {r['backend'][:12]:<12} {r['precision']:<6} {r['load_s']:7.2f} "
             f"{r['vision_s']:8.3f} {r['prefill_s']:9.3f} {r['ttft_s']:7.3f} {r['decode_tok_s']:7.2f} "
             f"{r['step_ms_first']:8.1f}/{r['step_ms_last']:<8.1f} {r['memory']['peak'] / 1e9:7.2f} "
             f"{'' if disk is None else f'{disk / 1e9:7.2f}':>7} {'' if roof is None else f'{100 * roof:5.1f}%':>6} "
             f"{'' if best is None else f'{100 * best:5.1f}%':>6} {'' if streamed is None else f'{streamed:5.1f}':>5}"
         )
     for r in report["results"]:
+        name = _label(r["target"], r.get("llama_cpu"))
         if r.get("backend_build"):  # llama.cpp: the CPU variant loaded and the features its code uses
-            lines.append(f"{Path(r['target']).name}: {r['backend_build']}")
+            lines.append(f"{name}: {r['backend_build']}")
         if "vs_transformers_fp32" in r:
             v = r["vs_transformers_fp32"]
             lines.append(
-                f"{Path(r['target']).name}: decode ×{v['decode_speedup']:.2f}, TTFT ×{v['ttft_ratio']:.2f}, "
+                f"{name}: decode ×{v['decode_speedup']:.2f}, TTFT ×{v['ttft_ratio']:.2f}, "
                 f"peak RSS ×{v['peak_rss_ratio']:.2f} vs transformers fp32"
             )
     return "\n".join(lines)

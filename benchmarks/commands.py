@@ -27,6 +27,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers baselines to run (comma-separated)")
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart here")
+    parser.add_argument(
+        "--llama-cpu",
+        default="",
+        help="GGUF exports: measure each on these llama.cpp CPU variants (comma-separated, e.g. haswell,zen4; "
+        "default: the one chosen for this CPU)",
+    )
     add_model_options(parser, checksums=False)
 
 
@@ -43,6 +49,13 @@ def bench(args: argparse.Namespace) -> int:
         raise CheckpointError(f"--baseline-hf {args.baseline_hf} is not a checkpoint directory (no config.json).")
     for export_dir in args.export_dirs:
         check_model_options(args, export_dir)
+    llama_cpus = tuple(name for name in args.llama_cpu.split(",") if name)
+    if llama_cpus:
+        from ..runtime.backends.ggml_cpu import choose
+        from ..runtime.backends.llamacpp import cpu_choice
+
+        for name in llama_cpus:
+            choose(cpu_choice().variants, name, asked_by="--llama-cpu")
     image = args.image or demo_image_path()
     load_image(image)
     for output in (args.json, args.plot):
@@ -60,6 +73,7 @@ def bench(args: argparse.Namespace) -> int:
         args.rounds,
         args.gpu_layers,
         args.provider,
+        llama_cpus,
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -8,6 +8,7 @@ stdin, the measurements as one JSON line on stdout.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -32,6 +33,7 @@ class WorkerRequest:
     gpu_layers: int = 0  # exports on llama.cpp
     provider: str = "cpu"  # exports on onnxruntime
     dtype: str = "fp32"  # hf: fp32 or bf16
+    llama_cpu: str | None = None  # exports on llama.cpp: a CPU variant by name (None: the one chosen for this CPU)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -78,9 +80,12 @@ def _decode_stats(step_times: list[float]) -> dict:
 def bench_export(request: WorkerRequest) -> dict:
     """Any export through the public API: encode (preprocess + vision), then generate with EOS ignored."""
     from paligemma_edge import PaliGemma
+    from paligemma_edge.runtime.backends.ggml_cpu import VARIANT_ENV
     from paligemma_edge.runtime.backends.options import EXECUTION_PROVIDERS
     from paligemma_edge.runtime.images import load_image
 
+    if request.llama_cpu:  # read when llama.cpp is first loaded, in this worker's process alone
+        os.environ[VARIANT_ENV] = request.llama_cpu
     memory = {"start": rss()}
     start = time.perf_counter()
     model = PaliGemma.load(

@@ -411,6 +411,28 @@ def test_a_variant_chosen_by_name_loads_and_one_this_cpu_cannot_run_is_refused(g
         assert refused.returncode == 2 and VARIANT_ENV in refused.stderr and "Traceback" not in refused.stderr, name
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the variants named are x86-64's")
+def test_bench_measures_a_gguf_export_on_each_variant_asked_for(gguf_exports, tmp_path):
+    """`bench --llama-cpu BEST,x64`: one row per variant, each run on the variant it names; a variant this CPU
+    cannot run is refused before anything is measured."""
+    best = cpu_choice().variant
+    assert best is not None
+    report_path = tmp_path / "bench.json"
+    out = run_cli(
+        "bench", gguf_exports["pg1"], "--llama-cpu", f"{best.name},x64", "--new-tokens", "2", "--repeat", "1",
+        "--threads", "1", "--json", report_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    results = json.loads(report_path.read_text())["results"]
+    assert [r["llama_cpu"] for r in results] == [best.name, "x64"]
+    for result in results:
+        assert f"CPU variant {result['llama_cpu']} " in result["backend_build"]
+        assert f"@{result['llama_cpu']}" in out.stdout
+    unusable = next((v.name for v in cpu_choice().variants if not v.runs_here), "no-such-cpu")
+    refused = run_cli("bench", gguf_exports["pg1"], "--llama-cpu", unusable, "--json", tmp_path / "never.json")
+    assert refused.returncode == 2 and "--llama-cpu" in refused.stderr and not (tmp_path / "never.json").exists()
+
+
 def test_export_cli_with_a_gguf_recipe_and_without_llama_cpp(exports, tmp_path, images):
     """`export --backend llamacpp --quant q4_0` end to end; a machine without llama-cpp-python is told which
     extra to install, and `info` still works there."""

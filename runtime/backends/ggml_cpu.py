@@ -74,16 +74,17 @@ def cpu_variants(lib_dir: Path) -> tuple[CpuVariant, ...]:
     return tuple(sorted((_probe(path) for path in paths), key=lambda v: (-v.score, v.name)))
 
 
-def choose(variants: tuple[CpuVariant, ...], wanted: str | None) -> CpuVariant:
-    """The variant named ``wanted``, else the best-scored one this process may run; refused if it may not."""
+def choose(variants: tuple[CpuVariant, ...], wanted: str | None, asked_by: str = VARIANT_ENV) -> CpuVariant:
+    """The variant named ``wanted`` (by the option ``asked_by``), else the best-scored one this process may run;
+    refused if it may not."""
     names = ", ".join(v.name for v in variants)
     if wanted:
         match = [v for v in variants if v.name == wanted]
         if not match:
-            raise BackendBuildError(f"{VARIANT_ENV}={wanted}: no such llama.cpp CPU variant here (installed: {names}).")
+            raise BackendBuildError(f"{asked_by}={wanted}: no such llama.cpp CPU variant here (installed: {names}).")
         if not match[0].runs_here:
             why = "needs AMX, which Linux has not granted" if match[0].score else "needs instructions it lacks"
-            raise BackendBuildError(f"{VARIANT_ENV}={wanted}: this CPU cannot run that variant ({why}).")
+            raise BackendBuildError(f"{asked_by}={wanted}: this CPU cannot run that variant ({why}).")
         return match[0]
     usable = [v for v in variants if v.runs_here]
     if not usable:
