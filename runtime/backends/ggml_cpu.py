@@ -47,10 +47,10 @@ class CpuChoice:
     def describe(self) -> str:
         if self.variant is None:
             return "CPU code linked in (no variants)"
-        others = ", ".join(f"{v.name} {v.score}" if v.runs_here else f"{v.name} ✗" for v in self.variants)
-        skipped = [v.name for v in self.variants if v.score > 0 and not v.runs_here]
+        scores = ", ".join(f"{v.name} {v.score}" if v.runs_here else f"{v.name} ✗" for v in self.variants)
+        skipped = [v.name for v in self.variants if v.score > 0 and not v.runs_here]  # only AMX makes these
         amx_note = f"; {', '.join(skipped)} skipped: AMX advertised, not granted" if skipped else ""
-        return f"CPU variant {self.variant.name} (ggml scores: {others}{amx_note})"
+        return f"CPU variant {self.variant.name} (ggml scores: {scores}{amx_note})"
 
 
 def _variant_name(path: Path) -> str:
